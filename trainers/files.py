@@ -1,0 +1,178 @@
+"""Concept files (DESIGN.md, "The concept value and its files").
+
+Token concepts (TI, DTI, BaTex) are written in the layout every embedding loader reads: SD 1.x/2.x a single
+tensor `emb_params` [n, d]; SDXL exactly `clip_l` [n, 768] and `clip_g` [n, 1280]. Everything else a concept
+carries (method, state, provenance) is JSON in the safetensors metadata under `concept_forge`, so the same file
+works with stock `embedding:<name>`, A1111 and kohya, and round-trips to a full Concept here. Any third-party
+embedding reads as a TI concept. Files are written atomically; pickles are never written, and `.pt` files are
+read with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .concept import ARCH_ENCODERS, ARCH_LABELS, Arch, Concept, arch_for_width, cpu_float
+
+METADATA_KEY = "concept_forge"
+FORMAT_VERSION = 1
+FILE_KEYS = {"l": "clip_l", "g": "clip_g", "h": "clip_h"}
+EXTENSIONS = (".safetensors", ".pt", ".bin")
+
+
+def file_tensors(concept: Concept) -> dict[str, Tensor]:
+    """The tensors of a concept's file: the stock embedding layout first, then any method tensors."""
+    out: dict[str, Tensor] = {}
+    if concept.vectors:
+        if concept.arch == "sdxl":
+            out = {FILE_KEYS[k]: v for k, v in concept.vectors.items()}
+        else:
+            (vectors,) = concept.vectors.values()
+            out = {"emb_params": vectors}
+    clash = set(out) & set(concept.tensors)
+    if clash:
+        raise ValueError(f"Concept tensors {sorted(clash)} collide with the embedding keys.")
+    out.update(concept.tensors)
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+
+
+def file_metadata(concept: Concept) -> dict[str, str]:
+    record = {
+        "format": FORMAT_VERSION,
+        "name": concept.name,
+        "method": concept.method,
+        "arch": concept.arch,
+        "state": dict(concept.state),
+        "provenance": dict(concept.provenance),
+        "tensor_keys": sorted(concept.tensors),
+    }
+    return {METADATA_KEY: json.dumps(record, sort_keys=True), "format": "pt"}
+
+
+def save_concept(concept: Concept, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Write `concept` to `path` atomically: a temporary file in the same folder, then a rename.
+
+    Args:
+        concept (`Concept`): what to write.
+        path (`str | PathLike`): the target `.safetensors` file; its folder is created if needed.
+        overwrite (`bool`, defaults to `False`): replace an existing file; otherwise raise `FileExistsError`.
+
+    Returns:
+        The path written. A failed write (a full disk) leaves any existing file untouched and no partial file.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"Concept files are .safetensors, got {path.name!r}.")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors, metadata = file_tensors(concept), file_metadata(concept)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_concept(path: str | os.PathLike[str], name: str | None = None) -> Concept:
+    """Read a concept file or any third-party embedding file as a Concept.
+
+    Args:
+        path (`str | PathLike`): a `.safetensors`, `.pt` or `.bin` file.
+        name (`str`, *optional*): the concept's name; defaults to the name stored in the file, else the file stem.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            content: Any = {k: f.get_tensor(k) for k in f.keys()}
+    elif path.suffix.lower() in (".pt", ".bin"):
+        metadata = {}
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # an unpickling refusal or a corrupt file: both unreadable for us
+            raise ValueError(f"{path.name} is not a plain tensor file (it may need unsafe unpickling, which is "
+                             f"refused): {e}") from e
+    else:
+        raise ValueError(f"{path.name}: unsupported file type; expected one of {EXTENSIONS}.")
+    if METADATA_KEY in metadata:
+        return _concept_from_record(json.loads(metadata[METADATA_KEY]), content, name)
+    arch, vectors, provenance = parse_embedding(content, path.name)
+    return Concept(name=name or _safe_stem(path), method="ti", arch=arch, vectors=vectors,
+                   provenance={"source_file": path.name, **provenance})
+
+
+def _concept_from_record(record: Mapping[str, Any], content: Mapping[str, Tensor], name: str | None) -> Concept:
+    if record.get("format", 0) > FORMAT_VERSION:
+        raise ValueError(f"This concept file has format {record['format']}; update Concept Forge to read it.")
+    arch: Arch = record["arch"]
+    keys = ARCH_ENCODERS[arch]
+    if arch == "sdxl":
+        vectors = {k: cpu_float(content[FILE_KEYS[k]]) for k in keys if FILE_KEYS[k] in content}
+    else:
+        vectors = {keys[0]: cpu_float(content["emb_params"])} if "emb_params" in content else {}
+    tensors = {k: cpu_float(content[k]) for k in record.get("tensor_keys", [])}
+    return Concept(name=name or record["name"], method=record["method"], arch=arch, vectors=vectors,
+                   state=record.get("state", {}), tensors=tensors, provenance=record.get("provenance", {}))
+
+
+def parse_embedding(content: Any, label: str) -> tuple[Arch, dict[str, Tensor], dict[str, Any]]:
+    """Find the token vectors in a third-party embedding, in the order ComfyUI's own loader looks.
+
+    Understands A1111 `.pt` (`string_to_param`), kohya/diffusers (`emb_params`, `{token: tensor}`) and SDXL
+    (`clip_l` + `clip_g`). Returns the architecture, the vectors per encoder and what provenance the file carries.
+    """
+    if isinstance(content, Mapping) and "string_to_param" in content:
+        params = content["string_to_param"]
+        provenance = {k: content[k] for k in ("name", "step", "sd_checkpoint_name") if isinstance(content.get(k), (str, int))}
+        return (*_single_encoder(_as_matrix(next(iter(params.values())), label), label), provenance)
+    if not isinstance(content, Mapping):
+        raise ValueError(f"{label}: expected a dict of tensors, got {type(content).__name__}.")
+    tensors = {k: v for k, v in content.items() if isinstance(v, Tensor)}
+    if "clip_l" in tensors and "clip_g" in tensors:
+        return "sdxl", {"l": _as_matrix(tensors["clip_l"], label), "g": _as_matrix(tensors["clip_g"], label)}, {}
+    for key in ("clip_h", "emb_params", "clip_l"):
+        if key in tensors:
+            return (*_single_encoder(_as_matrix(tensors[key], label), label), {})
+    if not tensors:
+        raise ValueError(f"{label}: no tensors found; this is not an embedding file.")
+    first = next(iter(tensors.values()))  # diffusers {token: tensor}: the first tensor, as ComfyUI reads it
+    return (*_single_encoder(_as_matrix(first, label), label), {})
+
+
+def _as_matrix(t: Tensor, label: str) -> Tensor:
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2 or t.shape[0] == 0:
+        raise ValueError(f"{label}: expected token vectors of shape [n, d], got {tuple(t.shape)}.")
+    return cpu_float(t)
+
+
+def _single_encoder(vectors: Tensor, label: str) -> tuple[Arch, dict[str, Tensor]]:
+    """The architecture of a one-encoder embedding, from its width, and its vectors keyed by that encoder."""
+    arch = arch_for_width(vectors.shape[-1])
+    if arch is None:
+        raise ValueError(f"{label}: vectors of width {vectors.shape[-1]} match neither {ARCH_LABELS['sd1']} (768) "
+                         f"nor {ARCH_LABELS['sd2']} (1024); an SDXL embedding needs both clip_l and clip_g.")
+    return arch, {ARCH_ENCODERS[arch][0]: vectors}
+
+
+def _safe_stem(path: Path) -> str:
+    """A concept name from a file name: characters a prompt cannot carry become '_'."""
+    stem = "".join(c if c.isalnum() or c in "_-." else "_" for c in path.stem)
+    return stem.lstrip(".") or "concept"

@@ -1,0 +1,65 @@
+"""The interface the trainers see of a text-to-image model (DESIGN.md, "The host interface").
+
+`nodes/comfy_host.py` implements it on ComfyUI's CLIP, MODEL and VAE; the unit tests implement it on tiny torch
+modules. Everything model-specific — tokenisation, which layer conditions the UNet, sigma versus timestep,
+ε- versus v-prediction — stays behind it, so a method and the loop are plain torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from .concept import Arch, EncoderKey
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder of the model.
+
+    Args:
+        key (`EncoderKey`): `l` (CLIP-L), `g` (OpenCLIP-bigG) or `h` (OpenCLIP-H).
+        width (`int`): the token-embedding width d.
+        num_layers (`int`): transformer layers.
+        cond_layer (`int`): 0-based index of the layer whose output conditions the UNet (CLIP skip and SDXL's
+            penultimate layer move it).
+    """
+
+    key: EncoderKey
+    width: int
+    num_layers: int
+    cond_layer: int
+
+
+class Host(Protocol):
+    arch: Arch
+    device: torch.device                    # where trainable parameters live and random draws are made
+    encoders: Mapping[str, TextEncoder]     # in the model's order
+    num_timesteps: int                      # size of the discrete noise schedule (1000 for SD)
+
+    def token_ids(self, key: str, text: str) -> list[int]:
+        """The vocabulary ids `text` tokenises to, without start and end tokens."""
+
+    def vocabulary(self, key: str) -> Tensor:
+        """The frozen token-embedding table [V, d] of encoder `key` (any dtype; never written to)."""
+
+    def prepare_prompt(self, text: str) -> Any:
+        """Tokenise a prompt once; `{}` marks the concept's slot, filled at `encode` time."""
+
+    def encode(self, prompts: Sequence[Any], vectors: Mapping[str, Tensor]) -> Any:
+        """Conditioning for a batch of prepared prompts with `vectors[key]` [n, d] in each slot.
+
+        Differentiable in `vectors`. With `vectors` empty the slot must not occur in the prompts.
+        """
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """[N, H, W, 3] images in 0..1 → latents [N, C, h, w] in the diffusion model's scale."""
+
+    def loss(self, latents: Tensor, cond: Any, noise: Tensor, timesteps: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Per-sample diffusion loss [B] at discrete `timesteps` with ε `noise` (ε- or v-target by model type).
+
+        `mask` [B, h, w] weights the latent pixels (1 = counted); None counts every pixel.
+        """

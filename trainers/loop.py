@@ -1,0 +1,243 @@
+"""The one training loop every method shares (DESIGN.md, "One loop for all methods").
+
+It owns what no method should repeat: latents encoded once, prompt sampling, seeded noise and timesteps,
+gradient accumulation, learning-rate scaling, the NaN guard, progress/cancel callbacks and a held-out loss.
+A method contributes only its parameters, what the text encoders see, and its update rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .host import Host
+from .methods import Method
+
+StepCallback = Callable[[int, int, float], None]  # (step, total steps, loss); raising from it cancels training
+
+
+def scaled_learning_rate(base: float, batch_size: int, grad_accum: int) -> float:
+    """The effective learning rate: base × batch size × accumulation steps.
+
+    This is the `scale_lr` rule of official TI, DTI, BaTex and CatVersion (METHODS.md §2b, §3b, §4b), so a
+    method's per-sample default (TI 5e-3, DTI 0.01) keeps its meaning at any batch size.
+    """
+    return base * batch_size * grad_accum
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """
+    Args:
+        steps (`int`): optimizer steps.
+        learning_rate (`float`): the effective learning rate (see `scaled_learning_rate`).
+        batch_size (`int`, defaults to 1): samples per forward pass.
+        grad_accum (`int`, defaults to 1): forward passes per optimizer step.
+        seed (`int`, defaults to 0): seeds every draw — images, flips, prompts, noise, timesteps.
+        flip_p (`float`, defaults to 0.0): probability that a sample uses its horizontally flipped image.
+        heldout_draws (`int`, defaults to 0): fixed (noise, timestep) pairs per image for the held-out loss
+            reported before and after training; 0 skips it.
+    """
+
+    steps: int
+    learning_rate: float
+    batch_size: int = 1
+    grad_accum: int = 1
+    seed: int = 0
+    flip_p: float = 0.0
+    heldout_draws: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+        if not 0 <= self.flip_p <= 1:
+            raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p}.")
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """
+    Args:
+        images (`Tensor`): [N, H, W, 3] in 0..1 at the training resolution (see `trainers.data`).
+        prompts (`Sequence[str]`): prompts with a `{}` slot: templates sampled per sample, or captions.
+        per_image (`bool`, defaults to `False`): `prompts[i]` is image i's caption.
+        masks (`Tensor`, *optional*): [N, H, W], 1 where the loss counts.
+    """
+
+    images: Tensor
+    prompts: Sequence[str]
+    per_image: bool = False
+    masks: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.images.shape[0] == 0:
+            raise ValueError("images: the training set is empty.")
+        if not self.prompts:
+            raise ValueError("prompts: no training prompts.")
+        if self.per_image and len(self.prompts) != self.images.shape[0]:
+            raise ValueError(f"captions: {len(self.prompts)} captions for {self.images.shape[0]} images.")
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # mean training loss per optimizer step
+    heldout_before: float | None = None
+    heldout_after: float | None = None
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or a gradient stopped being finite. The method's parameters keep the last finite state."""
+
+    def __init__(self, step: int, learning_rate: float, value: float):
+        self.step, self.learning_rate, self.value = step, learning_rate, value
+        super().__init__(f"the loss became {value} at step {step} (learning rate {learning_rate:g}); training "
+                         f"stopped and the parameters keep their state after step {step - 1}")
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """Which image, flip and prompt every sample of the run uses, drawn once from the seed. [micro-steps, B]."""
+
+    images: Tensor
+    flips: Tensor
+    prompts: Tensor
+
+
+def seeded(seed: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator for one independent stream of draws (images, flips, prompts, noise, ...) of a run's seed."""
+    return torch.Generator(device).manual_seed(hash((seed, stream)) & 0xFFFF_FFFF_FFFF)
+
+
+def sample_plan(num_images: int, num_prompts: int, per_image: bool, batch_size: int, micro_steps: int,
+                flip_p: float, seed: int) -> SamplePlan:
+    """Images come from consecutive random permutations, so each is seen equally often (as an epoch would).
+
+    Each kind of draw has its own stream, so a plan is a prefix of any longer plan of the same seed: a run cut
+    short, or resumed, sees exactly the samples of an uninterrupted one.
+    """
+    total = batch_size * micro_steps
+    epochs = -(-total // num_images)
+    image_gen = seeded(seed, 0)
+    images = torch.cat([torch.randperm(num_images, generator=image_gen) for _ in range(epochs)])[:total]
+    flips = torch.rand(total, generator=seeded(seed, 1)) < flip_p
+    prompts = images.clone() if per_image else torch.randint(num_prompts, (total,), generator=seeded(seed, 2))
+    shape = (micro_steps, batch_size)
+    return SamplePlan(images.view(shape), flips.view(shape), prompts.view(shape))
+
+
+@dataclass
+class _Encoded:
+    latents: Tensor         # [2 or 1, N, C, h, w]: unflipped, then flipped
+    masks: Tensor | None    # [2 or 1, N, h, w]
+
+
+def _encode_training_set(host: Host, data: TrainingSet, flip: bool) -> _Encoded:
+    """Run the VAE once per image (and once per flipped image), never per step."""
+    views = [data.images, data.images.flip(2)] if flip else [data.images]
+    with torch.no_grad():
+        latents = torch.stack([host.encode_images(v) for v in views])
+    masks = None
+    if data.masks is not None:
+        size = latents.shape[-2:]
+        views_m = [data.masks, data.masks.flip(2)] if flip else [data.masks]
+        masks = torch.stack([F.interpolate(m[:, None].float(), size=size, mode="area")[:, 0] for m in views_m])
+        masks = masks.to(latents.device)
+    return _Encoded(latents, masks)
+
+
+@dataclass
+class HeldOut:
+    """Fixed (image, prompt, noise, timestep) draws: a loss that depends only on the concept's vectors."""
+
+    images: Tensor
+    prompts: list[Any]
+    noise: Tensor
+    timesteps: Tensor
+
+    @classmethod
+    def draw(cls, host: Host, encoded: _Encoded, prepared: Sequence[Any], per_image: bool, draws: int,
+             seed: int) -> HeldOut:
+        gen = seeded(seed, 3)  # its own stream: the same set whatever the run length
+        n = encoded.latents.shape[1]
+        images = torch.arange(n).repeat_interleave(draws)
+        chosen = images if per_image else torch.randint(len(prepared), (len(images),), generator=gen)
+        noise = torch.randn((len(images), *encoded.latents.shape[2:]), generator=gen)
+        timesteps = torch.randint(host.num_timesteps, (len(images),), generator=gen)
+        return cls(images, [prepared[i] for i in chosen.tolist()], noise.to(host.device), timesteps.to(host.device))
+
+    @torch.no_grad()
+    def loss(self, host: Host, encoded: _Encoded, vectors: dict[str, Tensor], batch_size: int) -> float:
+        total = 0.0
+        for start in range(0, len(self.images), batch_size):
+            sl = slice(start, start + batch_size)
+            idx = self.images[sl]
+            mask = None if encoded.masks is None else encoded.masks[0, idx]
+            cond = host.encode(self.prompts[sl], vectors)
+            total += float(host.loss(encoded.latents[0, idx], cond, self.noise[sl], self.timesteps[sl], mask).sum())
+        return total / len(self.images)
+
+
+def train(method: Method, host: Host, data: TrainingSet, options: LoopOptions,
+          on_step: StepCallback | None = None) -> TrainResult:
+    """Train `method` on `data` through `host`.
+
+    Args:
+        method (`Method`): the parameterization and update rule.
+        host (`Host`): the model.
+        data (`TrainingSet`): images and prompts.
+        options (`LoopOptions`): steps, learning rate, batching, seed.
+        on_step (`StepCallback`, *optional*): called after every optimizer step; an exception raised by it
+            (ComfyUI's Cancel) propagates, leaving the method at its last completed step.
+
+    Raises:
+        NonFiniteLoss: the loss or a gradient became NaN/inf; the method keeps its last finite parameters.
+    """
+    encoded = _encode_training_set(host, data, options.flip_p > 0)
+    prepared = [host.prepare_prompt(p) for p in data.prompts]
+    noise_gen = seeded(options.seed, 4, host.device)
+    plan = sample_plan(len(data.images), len(prepared), data.per_image, options.batch_size,
+                       options.steps * options.grad_accum, options.flip_p, options.seed)
+    plan_dev = SamplePlan(*(t.to(encoded.latents.device) for t in (plan.images, plan.flips, plan.prompts)))
+    heldout = (HeldOut.draw(host, encoded, prepared, data.per_image, options.heldout_draws, options.seed)
+               if options.heldout_draws else None)
+    result = TrainResult()
+    if heldout:
+        result.heldout_before = heldout.loss(host, encoded, method.vectors(), options.batch_size)
+
+    optimizer = method.optimizer(options.learning_rate)
+    latent_shape = encoded.latents.shape[2:]
+    for step in range(1, options.steps + 1):
+        step_loss = torch.zeros((), device=encoded.latents.device)
+        for micro in range((step - 1) * options.grad_accum, step * options.grad_accum):
+            idx, flip = plan_dev.images[micro], plan_dev.flips[micro].long()
+            latents = encoded.latents[flip, idx]                                     # [B, C, h, w]
+            mask = None if encoded.masks is None else encoded.masks[flip, idx]
+            cond = host.encode([prepared[i] for i in plan.prompts[micro].tolist()], method.vectors())
+            noise = torch.randn((len(idx), *latent_shape), generator=noise_gen, device=host.device)
+            timesteps = torch.randint(host.num_timesteps, (len(idx),), generator=noise_gen, device=host.device)
+            loss = host.loss(latents, cond, noise, timesteps, mask).mean()
+            reg = method.regularizer()
+            # divide so that the accumulated gradient is the mean over all micro-batches, not their sum
+            ((loss if reg is None else loss + reg) / options.grad_accum).backward()
+            step_loss += loss.detach() / options.grad_accum
+        finite = [step_loss.isfinite()] + [p.grad.isfinite().all() for p in method.parameters() if p.grad is not None]
+        if not bool(torch.stack(finite).all()):  # the one sync point per step
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(step, options.learning_rate, float(step_loss))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(float(step_loss))
+        if on_step is not None:
+            on_step(step, options.steps, result.losses[-1])
+
+    if heldout:
+        result.heldout_after = heldout.loss(host, encoded, method.vectors(), options.batch_size)
+    return result
