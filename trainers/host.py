@@ -46,8 +46,8 @@ class Host(Protocol):
     def vocabulary(self, key: str) -> Tensor:
         """The frozen token-embedding table [V, d] of encoder `key` (any dtype; never written to)."""
 
-    def prepare_prompt(self, text: str) -> Any:
-        """Tokenise a prompt once; `{}` marks the concept's slot, filled at `encode` time."""
+    def prepare_prompt(self, text: str, num_vectors: int) -> Any:
+        """Tokenise a prompt once; `{}` marks the concept's slot of `num_vectors` tokens, filled by `encode`."""
 
     def encode(self, prompts: Sequence[Any], vectors: Mapping[str, Tensor]) -> Any:
         """Conditioning for a batch of prepared prompts with `vectors[key]` [n, d] in each slot.

@@ -201,7 +201,9 @@ def train(method: Method, host: Host, data: TrainingSet, options: LoopOptions,
         NonFiniteLoss: the loss or a gradient became NaN/inf; the method keeps its last finite parameters.
     """
     encoded = _encode_training_set(host, data, options.flip_p > 0)
-    prepared = [host.prepare_prompt(p) for p in data.prompts]
+    vectors = method.vectors()
+    num_vectors = next(iter(vectors.values())).shape[0] if vectors else 0
+    prepared = [host.prepare_prompt(p, num_vectors) for p in data.prompts]
     noise_gen = seeded(options.seed, 4, host.device)
     plan = sample_plan(len(data.images), len(prepared), data.per_image, options.batch_size,
                        options.steps * options.grad_accum, options.flip_p, options.seed)

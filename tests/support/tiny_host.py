@@ -101,7 +101,7 @@ class TinyHost:
     def vocabulary(self, key: str) -> Tensor:
         return self.text[key].token_embedding.weight
 
-    def prepare_prompt(self, text: str) -> list[Any]:
+    def prepare_prompt(self, text: str, num_vectors: int) -> list[Any]:
         return [SLOT if w == "{}" else self._id(w) for w in _words(text)]
 
     # -- model --------------------------------------------------------------------------------------------

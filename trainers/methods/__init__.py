@@ -59,3 +59,27 @@ def init_vectors(host: Host, init_word: str, num_vectors: int = 0) -> dict[str, 
         table = host.vocabulary(key)
         out[key] = table[rows.to(table.device)].to(host.device, torch.float32)  # [n, d]
     return out
+
+
+def method_options(name: MethodName, overrides: Any = None) -> Any:
+    """The method's options dataclass: its paper defaults, or `overrides` when they are of the right type."""
+    from .ti import TIOptions
+
+    classes = {"ti": TIOptions}
+    if name not in classes:
+        raise ValueError(f"method {name!r} is not available; choose one of {sorted(classes)}.")
+    if overrides is not None:
+        if not isinstance(overrides, classes[name]):
+            raise ValueError(f"options for {type(overrides).__name__.removesuffix('Options')} were given to "
+                             f"method {name!r}.")
+        return overrides
+    return classes[name]()
+
+
+def create_method(name: MethodName, host: Host, init_word: str, num_vectors: int, options: Any) -> Method:
+    """Build the method `name` on `host`, initialised from `init_word`."""
+    from .ti import TextualInversion
+
+    if name == "ti":
+        return TextualInversion(init_vectors(host, init_word, num_vectors), options)
+    raise ValueError(f"method {name!r} is not available.")

@@ -1,0 +1,48 @@
+"""Applying token concepts to a CLIP in memory: a clone whose tokenizer resolves `embedding:<name>` to the
+concept (COMFYUI.md §1.6-2). Stock CLIP Text Encode on the returned CLIP then uses it; the input CLIP is
+unchanged. Apply DTI Token builds on this."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import Tensor
+
+from ..trainers.concept import ARCH_LABELS, Concept
+from .comfy_host import ENCODER_KEYS, clip_arch, describe_clip, tokenizer_with_lookup
+
+
+def check_concept_fits(concept: Concept, clip: Any, node: str) -> None:
+    """Refuse a concept learned for another architecture, naming both."""
+    arch = clip_arch(clip)
+    if arch != concept.arch:
+        raise ValueError(f"{node}: concept '{concept.name}' was learned on {ARCH_LABELS[concept.arch]} but this CLIP "
+                         f"is {describe_clip(clip)}; load a matching checkpoint or relearn the concept.")
+    widths = {k: int(e.weight.shape[1]) for k, e in _embeddings(clip).items()}
+    for key, vectors in concept.vectors.items():
+        if vectors.shape[-1] != widths[key]:
+            raise ValueError(f"{node}: concept '{concept.name}' has {vectors.shape[-1]}-wide vectors for clip_{key} "
+                             f"but this CLIP's are {widths[key]}-wide; it belongs to another model.")
+
+
+def apply_concepts(clip: Any, concepts: Sequence[Concept], node: str) -> Any:
+    """A clone of `clip` on which `embedding:<concept name>` resolves to each concept's vectors."""
+    for concept in concepts:
+        check_concept_fits(concept, clip, node)
+        if not concept.vectors:
+            raise ValueError(f"{node}: concept '{concept.name}' is a {concept.method} concept with no token vectors; "
+                             "use the node made for that method.")
+    table = {c.name: c for c in concepts}
+
+    def lookup(key: str, name: str) -> Tensor | None:
+        concept = table.get(name)
+        return None if concept is None else concept.vectors[key]
+
+    applied = clip.clone()
+    applied.tokenizer = tokenizer_with_lookup(clip.tokenizer, ENCODER_KEYS[clip_arch(clip)], lookup)
+    return applied
+
+
+def _embeddings(clip: Any) -> dict[str, Any]:
+    model = clip.cond_stage_model
+    return {k: getattr(model, f"clip_{k}").transformer.get_input_embeddings() for k in ENCODER_KEYS[clip_arch(clip)]}

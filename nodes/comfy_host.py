@@ -1,0 +1,346 @@
+"""The ComfyUI host adapter: `trainers.host.Host` on ComfyUI's CLIP, MODEL and VAE.
+
+Every pitfall of training inside ComfyUI (COMFYUI.md §10) is handled here and nowhere else:
+- the caller trains inside `torch.inference_mode(False)` and `torch.enable_grad()` (§10.1);
+- CLIP and MODEL are cloned; only the clones are patched, and `close()` unloads them so the user's objects
+  come back untouched (§10.5);
+- the clone's CLIP layers get an out-of-place forward so autograd can pass through them (§10.3, §1.9);
+- weights loaded under inference mode are read through identity weight wrappers, which makes ComfyUI hand
+  each forward a fresh, saveable copy (§10.2, §2.8);
+- `apply_model` takes sigma and returns x0: ε (or v) is derived from it (§10.6, §2.2); SDXL gets its ADM `y`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+import comfy.model_management as mm
+import comfy.model_sampling
+
+from ..trainers.concept import ARCH_LABELS, Arch
+from ..trainers.host import TextEncoder
+
+CLIP_ARCHS: dict[str, Arch] = {"SD1ClipModel": "sd1", "SD2ClipModel": "sd2", "SDXLClipModel": "sdxl"}
+MODEL_ARCHS: dict[str, Arch] = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
+                                "KOALA_700M": "sdxl", "KOALA_1B": "sdxl"}  # the distilled SDXLs share its CLIP
+ENCODER_KEYS: dict[Arch, tuple[str, ...]] = {"sd1": ("l",), "sd2": ("h",), "sdxl": ("l", "g")}
+PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SLOT_NAME = "concept_forge_slot"
+
+
+def clip_arch(clip: Any) -> Arch | None:
+    return CLIP_ARCHS.get(type(clip.cond_stage_model).__name__)
+
+
+def model_arch(model: Any) -> Arch | None:
+    return MODEL_ARCHS.get(type(model.model.model_config).__name__)
+
+
+def describe_clip(clip: Any) -> str:
+    arch = clip_arch(clip)
+    return ARCH_LABELS[arch] if arch else type(clip.cond_stage_model).__name__
+
+
+def detect_arch(model: Any, clip: Any, node: str) -> Arch:
+    """The architecture shared by MODEL and CLIP, or a clear error naming the node."""
+    if clip is None or model is None:
+        raise ValueError(f"{node}: the {'CLIP' if clip is None else 'MODEL'} input is empty; connect the outputs "
+                         "of Load Checkpoint.")
+    c_arch, m_arch = clip_arch(clip), model_arch(model)
+    supported = "SD 1.x, SD 2.x and SDXL"
+    if c_arch is None:
+        raise ValueError(f"{node}: this CLIP ({type(clip.cond_stage_model).__name__}) is not supported; Concept "
+                         f"Forge trains {supported} checkpoints.")
+    if m_arch is None:
+        raise ValueError(f"{node}: this MODEL ({type(model.model.model_config).__name__}) is not supported; "
+                         f"Concept Forge trains {supported} checkpoints.")
+    if model.model.concat_keys:
+        raise ValueError(f"{node}: this is an inpainting or edit model; learn the concept on the base checkpoint "
+                         "(concepts carry over to its inpainting variant).")
+    if c_arch != m_arch:
+        raise ValueError(f"{node}: the CLIP is {ARCH_LABELS[c_arch]} but the MODEL is {ARCH_LABELS[m_arch]}; "
+                         "connect both from the same checkpoint.")
+    return c_arch
+
+
+# -- tokenizer lookups ------------------------------------------------------------------------------------------
+Lookup = Callable[[str, str], "Tensor | None"]  # (encoder key, embedding name) → [n, d] vectors or None
+
+
+def tokenizer_with_lookup(tokenizer: Any, keys: Sequence[str], lookup: Lookup) -> Any:
+    """A copy of a ComfyUI tokenizer on which `embedding:<name>` asks `lookup` before the embedding folders.
+
+    The copy is shallow except for the per-encoder sub-tokenizers, which get the override; `CLIP.clone()` shares
+    its tokenizer, so the original is never touched (COMFYUI.md §1.6-2). Lookups stack: an earlier override
+    stays the fallback of a later one.
+    """
+    tokenizer = copy.copy(tokenizer)
+    for key in keys:
+        sub = copy.copy(getattr(tokenizer, f"clip_{key}"))
+        sub._try_get_embedding = _lookup_first(key, lookup, sub._try_get_embedding)
+        if sub.embedding_directory is None:  # ComfyUI only parses "embedding:" when a folder list exists
+            sub.embedding_directory = []
+        setattr(tokenizer, f"clip_{key}", sub)
+    return tokenizer
+
+
+def _lookup_first(key: str, lookup: Lookup, fallback: Callable[[str], tuple[Any, str]]) -> Callable[[str], tuple[Any, str]]:
+    def try_get_embedding(embedding_name: str) -> tuple[Any, str]:
+        words = embedding_name.split()
+        if not words:
+            return fallback(embedding_name)
+        name, leftover = words[0], " ".join(words[1:])
+        # as ComfyUI does: a trailing comma is not part of the name and goes back to the prompt
+        for candidate in dict.fromkeys((name, name.rstrip(","))):
+            found = lookup(key, _strip_extension(candidate))
+            if found is not None:
+                rest = name[len(candidate):]
+                return found, f"{rest} {leftover}".strip() if rest else leftover
+        return fallback(embedding_name)
+    return try_get_embedding
+
+
+def _strip_extension(name: str) -> str:
+    for ext in (".safetensors", ".pt", ".bin"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+# -- the host ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Slot:
+    row: int  # which of the concept's vectors goes here
+
+
+@dataclass
+class ComfyCond:
+    cross_attn: Tensor      # [B, L, D]
+    pooled: Tensor | None   # [B, P]: SDXL's clip_g pooled output, for the ADM vector
+
+
+def _identity(weight: Tensor) -> Tensor:
+    return weight
+
+
+def _out_of_place_layer_forward(layer: torch.nn.Module) -> Callable[..., Tensor]:
+    """CLIPLayer.forward without its in-place residual adds, which autograd cannot pass (COMFYUI.md §1.9)."""
+    def forward(x: Tensor, mask: Tensor | None = None, optimized_attention: Any = None) -> Tensor:
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+        return x + layer.mlp(layer.layer_norm2(x))
+    return forward
+
+
+def _checkpointed(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def run(*args: Any, **kwargs: Any) -> Tensor:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
+def _weight_keys(root: torch.nn.Module, prefix: str = "") -> list[str]:
+    """State-dict keys of the weights and biases ComfyUI's ops cast (those with a weight_function hook)."""
+    keys = []
+    for name, module in root.named_modules():
+        if not hasattr(module, "weight_function") or isinstance(module, torch.nn.Embedding):
+            continue  # embeddings are only indexed; copying a 49408-row table every step would be waste
+        for param in ("weight", "bias"):
+            if getattr(module, param, None) is not None:
+                keys.append(f"{prefix}{name}.{param}")
+    return keys
+
+
+class ComfyHost:
+    """`trainers.host.Host` on ComfyUI objects. Use as a context manager inside `inference_mode(False)`.
+
+    Args:
+        model, clip, vae: the user's MODEL, CLIP and VAE; only clones are patched.
+        arch (`Arch`): from `detect_arch`.
+        precision (`str`, defaults to `"auto"`): the UNet's compute dtype; "auto" keeps ComfyUI's choice.
+        gradient_checkpointing (`bool`, defaults to `False`): recompute UNet blocks in the backward pass.
+    """
+
+    def __init__(self, model: Any, clip: Any, vae: Any, arch: Arch, precision: str = "auto",
+                 gradient_checkpointing: bool = False):
+        self.arch = arch
+        self.vae = vae
+        self.model = model.clone()
+        self.clip = clip.clone()
+        self.device = self.model.load_device
+        self.clip.patcher.load_device = self.device  # the text encoder trains beside the UNet
+        self.num_timesteps = len(self.model.get_model_object("model_sampling").sigmas)
+        self._sampling = self.model.get_model_object("model_sampling")
+        if not isinstance(self._sampling, comfy.model_sampling.ModelSamplingDiscrete) or not isinstance(
+                self._sampling, (comfy.model_sampling.EPS, comfy.model_sampling.V_PREDICTION)):
+            raise ValueError(f"Only ε- and v-prediction models with a discrete schedule can be trained, this one "
+                             f"samples with {type(self._sampling).__name__}.")
+        self.v_prediction = isinstance(self._sampling, comfy.model_sampling.V_PREDICTION)
+        self._patch_clip()
+        self._patch_unet(PRECISIONS[precision], gradient_checkpointing)
+        self.encoders = self._text_encoders()
+        self._tokenizer = self.clip.tokenizer
+        self._loaded = False
+
+    # -- setup and teardown ------------------------------------------------------------------------------------
+    def _sub(self, key: str) -> Any:
+        return getattr(self.clip.cond_stage_model, f"clip_{key}")
+
+    def _patch_clip(self) -> None:
+        patcher = self.clip.patcher
+        for key in ENCODER_KEYS[self.arch]:
+            for i, layer in enumerate(self._sub(key).transformer.text_model.encoder.layers):
+                patcher.add_object_patch(f"clip_{key}.transformer.text_model.encoder.layers.{i}.forward",
+                                         _out_of_place_layer_forward(layer))
+        for weight_key in _weight_keys(self.clip.cond_stage_model):
+            patcher.add_weight_wrapper(weight_key, _identity)
+
+    def _patch_unet(self, dtype: torch.dtype | None, gradient_checkpointing: bool) -> None:
+        base = self.model.model
+        if dtype is not None:
+            self.model.set_model_compute_dtype(dtype)
+        if any(p.is_inference() for p in base.parameters()):
+            for weight_key in _weight_keys(base):
+                self.model.add_weight_wrapper(weight_key, _identity)
+        if gradient_checkpointing:
+            unet = base.diffusion_model
+            blocks = [f"input_blocks.{i}" for i in range(len(unet.input_blocks))] + ["middle_block"] + \
+                     [f"output_blocks.{i}" for i in range(len(unet.output_blocks))]
+            for block in blocks:
+                name = f"diffusion_model.{block}.forward"
+                self.model.add_object_patch(name, _checkpointed(self.model.get_model_object(name)))
+
+    def _text_encoders(self) -> dict[str, TextEncoder]:
+        self._set_clip_layer()
+        encoders = {}
+        for key in ENCODER_KEYS[self.arch]:
+            sub = self._sub(key)
+            n = sub.num_layers
+            layer = n - 1 if sub.layer == "last" else (sub.layer_idx % n)
+            width = sub.transformer.get_input_embeddings().weight.shape[1]
+            encoders[key] = TextEncoder(key, width, n, layer)  # type: ignore[arg-type]
+        return encoders
+
+    def _set_clip_layer(self) -> None:
+        """As CLIP.encode_from_tokens does: the model's default layer, then CLIP Set Last Layer's choice."""
+        self.clip.cond_stage_model.reset_clip_options()
+        if self.clip.layer_idx is not None:
+            self.clip.cond_stage_model.set_clip_options({"layer": self.clip.layer_idx})
+
+    def _ensure_loaded(self) -> None:
+        if not self._loaded:
+            # like ComfyUI's Train LoRA: evict everything else and load both models whole
+            mm.load_models_gpu([self.clip.patcher, self.model], memory_required=1e20, force_full_load=True)
+            self._loaded = True
+
+    def close(self) -> None:
+        """Unload the patched clones so the next user of these models gets them unpatched."""
+        for patcher in (self.clip.patcher, self.model):
+            for i in reversed(range(len(mm.current_loaded_models))):
+                if mm.current_loaded_models[i].model is patcher:
+                    mm.current_loaded_models.pop(i).model_unload()
+            for module in patcher.model.modules():  # the weight wrappers outlive a full unload otherwise
+                if hasattr(module, "weight_function"):
+                    module.weight_function, module.bias_function = [], []
+        self._loaded = False
+
+    def __enter__(self) -> ComfyHost:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- Host ---------------------------------------------------------------------------------------------------
+    def token_ids(self, key: str, text: str) -> list[int]:
+        return list(getattr(self._tokenizer, f"clip_{key}").tokenizer(text)["input_ids"][1:-1])
+
+    def vocabulary(self, key: str) -> Tensor:
+        return self._sub(key).transformer.get_input_embeddings().weight
+
+    def prepare_prompt(self, text: str, num_vectors: int = 0) -> dict[str, list[list[Any]]]:
+        """Tokenise once with a marker in the `{}` slot; `encode` swaps the marker rows for the vectors."""
+        markers = {k: torch.zeros(num_vectors, e.width) for k, e in self.encoders.items()}
+        tokenizer = tokenizer_with_lookup(self._tokenizer, list(self.encoders),
+                                          lambda key, name: markers[key] if name == SLOT_NAME else None)
+        if "{}" in text and not num_vectors:
+            raise ValueError(f"prompt {text!r} has a concept slot but the method injects no vectors.")
+        tokens = tokenizer.tokenize_with_weights(text.replace("{}", f" embedding:{SLOT_NAME} "), disable_weights=True)
+        prepared = {}
+        for key in self.encoders:
+            storage = markers[key].untyped_storage().data_ptr()
+            width = self.encoders[key].width
+            prepared[key] = [[_Slot(item.storage_offset() // width)
+                              if torch.is_tensor(item) and item.untyped_storage().data_ptr() == storage else item
+                              for item, _weight in chunk] for chunk in tokens[key]]
+        return prepared
+
+    def encode(self, prompts: Sequence[Mapping[str, list[list[Any]]]], vectors: Mapping[str, Tensor]) -> ComfyCond:
+        self._ensure_loaded()
+        self._set_clip_layer()
+        outputs = {}
+        for key in self.encoders:
+            chunks = [[vectors[key][item.row] if isinstance(item, _Slot) else item for item in chunk]
+                      for prompt in prompts for chunk in prompt[key]]
+            outputs[key] = self._sub(key).encode(chunks)[:2]                         # [chunks, 77, d], pooled
+        if self.arch == "sdxl":
+            (l_out, _), (g_out, pooled) = outputs["l"], outputs["g"]
+            cut = min(l_out.shape[1], g_out.shape[1])
+            hidden = torch.cat([l_out[:, :cut], g_out[:, :cut]], dim=-1)
+        else:
+            hidden, pooled = next(iter(outputs.values()))
+            pooled = None
+        counts = [len(prompt[next(iter(self.encoders))]) for prompt in prompts]
+        return ComfyCond(*_batch_prompts(hidden, pooled, counts))
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        with torch.no_grad():  # the VAE's weights are inference tensors and need no gradient
+            latents = self.vae.encode(images[..., :3])
+        self._loaded = False  # the VAE may have pushed our models out of memory
+        return self.model.model.process_latent_in(latents).to(self.device)
+
+    def loss(self, latents: Tensor, cond: ComfyCond, noise: Tensor, timesteps: Tensor,
+             mask: Tensor | None = None) -> Tensor:
+        self._ensure_loaded()
+        base, sampling = self.model.model, self._sampling
+        sigma = sampling.sigma(timesteps.float())                                    # [B]
+        noisy = sampling.noise_scaling(sigma, noise, latents)                         # x0 + σ·ε
+        extra = {}
+        if cond.pooled is not None:
+            height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
+            extra["y"] = base.encode_adm(pooled_output=cond.pooled, width=width, height=height, crop_w=0, crop_h=0,
+                                         target_width=width, target_height=height)
+        options = {**self.model.model_options.get("transformer_options", {}),
+                   "cond_or_uncond": [0] * len(latents), "sigmas": sigma}
+        denoised = base.apply_model(noisy, sigma, c_crossattn=cond.cross_attn, transformer_options=options, **extra)
+        eps = (noisy - denoised) / sigma.view(-1, 1, 1, 1)
+        err = (eps.float() - noise.float()) ** 2                                     # [B, C, h, w]
+        if mask is None:
+            per_sample = err.mean(dim=(1, 2, 3))
+        else:
+            weights = mask[:, None].to(err).expand_as(err)
+            per_sample = (err * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3))
+        if self.v_prediction:
+            # v − v̂ = (σ² + σ_d²)^½ / σ_d · (ε − ε̂): the v-MSE is the ε-MSE reweighted per sample
+            sd = float(self._sampling.sigma_data)
+            per_sample = per_sample * (sigma.float() ** 2 + sd ** 2) / sd ** 2
+        return per_sample
+
+
+def _batch_prompts(hidden: Tensor, pooled: Tensor | None, counts: Sequence[int]) -> tuple[Tensor, Tensor | None]:
+    """Per-chunk encoder outputs → one conditioning per prompt, stacked.
+
+    ComfyUI concatenates a long prompt's 77-token chunks; prompts of different lengths are repeated to a common
+    length, as its sampler batches them (CONDCrossAttn.concat). The pooled output is the first chunk's.
+    """
+    if all(c == 1 for c in counts):
+        return hidden, pooled
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    per_prompt = [hidden[s:s + c].reshape(1, -1, hidden.shape[-1]) for s, c in zip(starts, counts)]
+    common = math.lcm(*(p.shape[1] for p in per_prompt))
+    stacked = torch.cat([p.repeat(1, common // p.shape[1], 1) for p in per_prompt])
+    return stacked, None if pooled is None else pooled[starts]

@@ -1,0 +1,117 @@
+"""Save Concept and Load Concept: concept files where ComfyUI's own loaders find them."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from comfy_api.v0_0_2 import io, ui
+
+from ..trainers.concept import Concept, name_problem
+from ..trainers.files import read_concept, save_concept
+from .paths import display_path, file_choices, resolve_choice, target_path
+from .types import CATEGORY, ConceptIO
+
+SAVE = "Save Concept"
+LOAD = "Load Concept"
+
+
+def save(concept: Concept, name: str, overwrite: bool) -> str:
+    """Write `concept` as `name` to its folder; returns the message shown on the node."""
+    name = name.strip() or concept.name
+    problem = name_problem(name)
+    if problem:
+        raise ValueError(f"{SAVE}: {problem}. Use letters, digits, '_', '-' or '.'.")
+    concept = concept.renamed(name)
+    path = target_path(concept, name)
+    try:
+        save_concept(concept, path, overwrite=overwrite)
+    except FileExistsError as e:
+        raise FileExistsError(f"{SAVE}: {display_path(path)} already exists; turn on overwrite to replace it or "
+                              "choose another name.") from e
+    except OSError as e:
+        raise OSError(f"{SAVE}: could not write {display_path(path)} ({e.strerror or e}); nothing was written. "
+                      "Free some disk space or check the folder's permissions, then queue again.") from e
+    if concept.is_token_concept:
+        return (f"Saved to {display_path(path)}. Any CLIP Text Encode can now use embedding:{name} "
+                "(A1111 and kohya read the file too).")
+    return f"Saved to {display_path(path)}. Load it with Load Concept."
+
+
+def load(choice: str, name: str) -> Concept:
+    path = resolve_choice(choice)
+    if path is None:
+        raise FileNotFoundError(f"{LOAD}: {choice} was not found; refresh the page to update the file list.")
+    name = name.strip()
+    if name and name_problem(name):
+        raise ValueError(f"{LOAD}: {name_problem(name)}. Use letters, digits, '_', '-' or '.'.")
+    try:
+        return read_concept(path, name or None)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{LOAD}: {display_path(path)} is not a usable concept: {e}") from e
+
+
+class SaveConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptForgeSaveConcept",
+            display_name=SAVE,
+            category=CATEGORY,
+            description="Saves a concept: TI, DTI and BaTex as a stock embedding in models/embeddings, the others "
+                        "in models/concepts.",
+            inputs=[
+                ConceptIO.Input("concept", tooltip="The concept to save."),
+                io.String.Input("name", default="", tooltip="File name without extension; prompts call it "
+                                "embedding:<name>. Empty keeps the concept's own name."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace a file of the same name. Off refuses "
+                                 "to touch an existing file."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, concept, name, overwrite) -> io.NodeOutput:
+        return io.NodeOutput(ui=ui.PreviewText(save(concept, name, overwrite)))
+
+
+class LoadConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptForgeLoadConcept",
+            display_name=LOAD,
+            category=CATEGORY,
+            description="Loads a concept file, or any embedding (A1111 .pt, kohya, diffusers, SDXL clip_l/clip_g).",
+            inputs=[
+                io.Combo.Input("file", options=file_choices(), tooltip="A file in models/embeddings or "
+                               "models/concepts. Third-party embeddings load as TI concepts."),
+                io.String.Input("name", default="", tooltip="The name prompts use (embedding:<name>). Empty uses "
+                                "the file's name."),
+            ],
+            outputs=[ConceptIO.Output("concept", tooltip="The loaded concept.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, file: str, name: str = "", **_: Any) -> bool | str:
+        if resolve_choice(file) is None:
+            return f"{LOAD}: {file} was not found; refresh the page to update the file list."
+        if name.strip() and name_problem(name.strip()):
+            return f"{LOAD}: {name_problem(name.strip())}."
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, file: str, name: str = "", **_: Any) -> Any:
+        path = resolve_choice(file)
+        return (os.path.getmtime(path) if path else None, name)  # a re-saved file is read again
+
+    @classmethod
+    def execute(cls, file, name) -> io.NodeOutput:
+        concept = load(file, name)
+        info = (f"{concept.name}: {concept.method.upper()} concept for {concept.arch}, "
+                f"{concept.num_vectors} vector(s) per encoder.")
+        return io.NodeOutput(concept, ui=ui.PreviewText(info))
+
+
+NODES = [SaveConcept, LoadConcept]
