@@ -1,6 +1,7 @@
 """The ComfyUI tiers skip, with the reason printed, when no ComfyUI is at $COMFYUI_PATH."""
 
 import pytest
+import torch
 
 
 def require_comfyui():
@@ -10,3 +11,12 @@ def require_comfyui():
     except ImportError as e:
         pytest.skip(f"ComfyUI tier skipped: {e}", allow_module_level=True)
     return tiny_comfy
+
+
+def run_node(node_class, hidden=None, **inputs):
+    """Run a V3 node as ComfyUI's executor does: a class clone with its hidden inputs, in inference mode."""
+    from comfy_api.v0_0_2 import io
+
+    clone = node_class.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "7", **(hidden or {})})
+    with torch.inference_mode():
+        return clone.execute(**inputs)

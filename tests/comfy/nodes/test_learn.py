@@ -1,0 +1,120 @@
+"""Learn Concept as ComfyUI runs it: values, errors, Cancel and the NaN guard."""
+
+import pytest
+import torch
+from comfy_tier import require_comfyui, run_node
+
+tc = require_comfyui()
+
+import comfy.model_management as mm  # noqa: E402
+import comfy.utils  # noqa: E402
+
+from concept_forge.nodes.learn import LearnConcept  # noqa: E402
+from concept_forge.trainers.files import read_concept  # noqa: E402
+
+
+def learn_inputs(arch="sd1", **overrides):
+    inputs = dict(model=tc.tiny_model(arch), clip=tc.tiny_clip(arch), vae=tc.tiny_vae(), images=tc.tiny_images(),
+                  name="my_dog", init_word="dog", method="ti", steps=6, learning_rate=0.0, batch_size=2, vectors=0,
+                  resolution=64, prompts="object", seed=1, precision="auto", gradient_checkpointing=False)
+    inputs.update(overrides)
+    return inputs
+
+
+def slot_vectors(clip, text="a photo of embedding:my_dog"):
+    tokens = clip.tokenize(text)
+    return {k: torch.stack([t for t, _ in v[0] if torch.is_tensor(t)]) for k, v in tokens.items()}
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_learn_concept_returns_a_concept_a_ready_clip_and_the_loss(model_folders, arch):
+    inputs = learn_inputs(arch)
+    out = run_node(LearnConcept, **inputs)
+    concept, clip, loss = out.args
+    assert concept.method == "ti" and concept.arch == arch and concept.name == "my_dog"
+    assert len(loss["loss"]) == 6 and all(v > 0 for v in loss["loss"])
+    assert set(slot_vectors(clip)) == set(concept.vectors)
+    for key, vectors in slot_vectors(clip).items():
+        assert torch.equal(vectors, concept.vectors[key])
+        init = inputs["clip"].cond_stage_model.__getattr__(f"clip_{key}").transformer.get_input_embeddings() \
+            .weight[inputs["clip"].tokenize("dog")[key][0][1][0]]
+        assert not torch.allclose(vectors[0], init.float())  # every encoder trained
+    text = out.ui.as_dict()["text"][0]
+    assert "6 steps at learning rate 0.01 (0.005 per sample)" in text and "Held-out loss" in text
+    assert concept.provenance["init_word"] == "dog" and concept.provenance["seed"] == 1
+    assert not any(model_folders.rglob("*.safetensors"))  # learning alone writes nothing
+
+
+def test_the_same_seed_learns_the_same_concept_and_another_seed_does_not(model_folders):
+    a = run_node(LearnConcept, **learn_inputs(seed=3)).args[0]
+    b = run_node(LearnConcept, **learn_inputs(seed=3)).args[0]
+    c = run_node(LearnConcept, **learn_inputs(seed=4)).args[0]
+    assert torch.equal(a.vectors["l"], b.vectors["l"]) and not torch.equal(a.vectors["l"], c.vectors["l"])
+
+
+def test_a_multi_token_init_word_gives_one_vector_per_token(model_folders):
+    concept = run_node(LearnConcept, **learn_inputs(init_word="teddy bear", steps=1)).args[0]
+    assert concept.vectors["l"].shape == (2, 32)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(images=torch.zeros(0, 64, 64, 3)), "Learn Concept: images: the batch is empty"),
+    (dict(name="../dog"), "Learn Concept: '../dog' contains a path separator"),
+    (dict(init_word="  "), "Learn Concept: init_word is empty"),
+    (dict(prompts="captions"), "Learn Concept: captions: prompt mode is 'captions' but no captions were given"),
+    (dict(model="sdxl"), "Learn Concept: the CLIP is SD 1.x but the MODEL is SDXL"),
+    (dict(clip=None), "Learn Concept: the CLIP input is empty"),
+    (dict(resolution=60), "Learn Concept: resolution: 60 must be a positive multiple of 8"),
+])
+def test_bad_input_gets_an_error_naming_the_node_and_the_fix(model_folders, overrides, message):
+    if overrides.get("model") == "sdxl":
+        overrides["model"] = tc.tiny_model("sdxl")
+    with pytest.raises(ValueError) as info:
+        run_node(LearnConcept, **learn_inputs(**overrides))
+    assert message in str(info.value)
+
+
+def test_validation_catches_widget_mistakes_before_the_run():
+    assert "path separator" in LearnConcept.validate_inputs(name="a/b")
+    assert "init_word is empty" in LearnConcept.validate_inputs(init_word="")
+    assert "captions box is empty" in LearnConcept.validate_inputs(prompts="captions", captions=" ")
+    assert LearnConcept.validate_inputs(name="ok_name", init_word="dog") is True
+
+
+def test_captions_train_with_one_prompt_per_image(model_folders):
+    captions = "a photo of my_dog\nmy_dog on grass\n{} asleep\na drawing of my_dog"
+    concept = run_node(LearnConcept, **learn_inputs(prompts="captions", captions=captions, steps=2)).args[0]
+    assert concept.provenance["prompts"] == "captions"
+
+
+def test_cancel_stops_within_a_step_writes_nothing_and_the_next_run_works(model_folders):
+    seen = []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        seen.append(value)
+        if value == 3:
+            mm.interrupt_current_processing(True)  # what POST /interrupt does
+
+    inputs = learn_inputs(steps=50)
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run_node(LearnConcept, **inputs)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    assert seen == [1, 2, 3]
+    assert not any(model_folders.rglob("*.safetensors"))
+    concept = run_node(LearnConcept, **{**inputs, "steps": 2}).args[0]  # same CLIP/MODEL objects: still usable
+    assert concept.is_finite()
+
+
+def test_a_nan_loss_stops_names_the_step_and_keeps_the_last_finite_concept(model_folders):
+    with pytest.raises(RuntimeError) as info:
+        run_node(LearnConcept, **learn_inputs(learning_rate=1e30, steps=10))
+    message = str(info.value)
+    assert message.startswith("Learn Concept: the loss became nan at step ")
+    step = int(message.split("at step ")[1].split(" ")[0])
+    assert f"recovered/my_dog-step{step - 1}.safetensors" in message and "lower learning rate" in message
+    recovered = read_concept(model_folders / "concepts" / "recovered" / f"my_dog-step{step - 1}.safetensors")
+    assert recovered.is_finite() and recovered.provenance["steps"] == step - 1
