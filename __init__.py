@@ -8,7 +8,8 @@ WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():  # noqa: ANN201 — the ComfyExtension type lives in ComfyUI
-    from .nodes import ConceptForgeExtension, register_model_folders
+    from .nodes.extension import ConceptForgeExtension
+    from .nodes.paths import register_model_folders
 
     register_model_folders()
     return ConceptForgeExtension()

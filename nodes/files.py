@@ -90,7 +90,7 @@ class LoadConcept(io.ComfyNode):
                 io.String.Input("name", default="", tooltip="The name prompts use (embedding:<name>). Empty uses "
                                 "the file's name."),
             ],
-            outputs=[ConceptIO.Output("concept", tooltip="The loaded concept.")],
+            outputs=[ConceptIO.Output("concept", display_name="concept", tooltip="The loaded concept.")],
         )
 
     @classmethod

@@ -43,7 +43,6 @@ class NodeProgress:
 
     def __call__(self, step: int, total: int, loss: float) -> None:
         mm.throw_exception_if_processing_interrupted()  # Cancel, even where no progress hook is installed
-        self.bar.update_absolute(step, total)
         elapsed = time.perf_counter() - self.start
         rate = step / elapsed if elapsed > 0 else 0.0
         eta = (total - step) / rate if rate > 0 else 0.0
@@ -55,3 +54,4 @@ class NodeProgress:
             server.send_sync(LOSS_EVENT, {"node": self.node_id, "step": step, "total": total, "loss": loss},
                              server.client_id)
             server.send_progress_text(line, self.node_id)
+        self.bar.update_absolute(step, total)  # last: its hook may raise for Cancel

@@ -1,0 +1,87 @@
+"""A small random-weight checkpoint in the SD 1.5 layout, and demo images, for runs without real weights.
+
+The UNet has SD 1.5's width (320 channels, 768-wide context) but a single resolution level, which ComfyUI
+still detects as SD 1.5, so the stock Load Checkpoint reads the file through its real code path. The text
+encoder and VAE are full-size, as the loader requires. Nothing it draws is meaningful; it exists so the example
+workflows, the headless runner and the server tests run on a CPU in about a minute.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import comfy.ldm.models.autoencoder
+import comfy.sd1_clip
+import comfy.supported_models
+
+DEMO_CHECKPOINT = "concept_forge_demo_sd15.safetensors"
+DEMO_IMAGES = tuple(f"concept_forge_demo_{i}.png" for i in range(1, 5))
+UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1], channel_mult=[1],
+            transformer_depth=[1], transformer_depth_middle=1, transformer_depth_output=[1, 1], context_dim=768,
+            use_spatial_transformer=True, use_linear_in_transformer=False, legacy=False, adm_in_channels=None,
+            use_temporal_attention=False, use_temporal_resblock=False, use_checkpoint=False)
+VAE = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+           num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+
+
+def _random_state(module: torch.nn.Module, prefix: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Deterministic random weights (ComfyUI's modules skip initialisation): norms 1, biases 0, the rest small."""
+    out = {}
+    for name, value in module.state_dict().items():
+        if name.endswith("bias"):
+            tensor = torch.zeros(value.shape)
+        elif value.dim() < 2:
+            tensor = torch.ones(value.shape)
+        else:
+            fan_in = max(1, value[0].numel())
+            tensor = torch.randn(value.shape, generator=generator) / fan_in ** 0.5
+        out[prefix + name] = tensor.to(torch.float16)
+    return out
+
+
+def write_demo_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write the demo checkpoint to `path` (about 400 MB, fp16) unless it is already there."""
+    path = Path(path)
+    if path.exists():
+        return path
+    g = torch.Generator().manual_seed(seed)
+    config = comfy.supported_models.SD15(UNET)
+    with torch.device("meta"):  # shapes only; the weights are drawn below
+        unet = config.get_model({}).diffusion_model
+        clip = comfy.sd1_clip.SD1ClipModel()
+        vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=VAE, embed_dim=4)
+    state = _random_state(unet, "model.diffusion_model.", g)
+    clip_state = _random_state(clip, "", g)
+    clip_state["clip_l.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    state.update(config.process_clip_state_dict_for_saving(clip_state))
+    state.update(_random_state(vae, "first_stage_model.", g))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def write_demo_images(folder: str | os.PathLike[str], size: int = 64) -> list[Path]:
+    """Four pictures of one made-up 'concept': a red star on a pale background, moved and scaled a little."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i, name in enumerate(DEMO_IMAGES):
+        cx, cy, r = 0.45 + 0.05 * (i % 2), 0.5 - 0.05 * (i // 2), 0.28 + 0.03 * i
+        angle = np.arctan2(yy - cy, xx - cx)
+        radius = np.hypot(xx - cx, yy - cy)
+        star = radius < r * (0.65 + 0.35 * np.cos(5 * angle))
+        image = np.stack([0.85 - 0.1 * yy, 0.85 - 0.05 * xx, 0.8 * np.ones_like(xx)], -1)
+        image[star] = (0.85, 0.12, 0.1)
+        path = folder / name
+        Image.fromarray((image * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths

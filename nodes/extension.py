@@ -1,0 +1,10 @@
+"""The pack's ComfyExtension: every node, in menu order."""
+
+from comfy_api.v0_0_2 import ComfyExtension, io
+
+from . import files, learn
+
+
+class ConceptForgeExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*learn.NODES, *files.NODES]

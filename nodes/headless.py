@@ -1,0 +1,231 @@
+"""The headless runner: one workflow through ComfyUI's own executor, in this process, with a terminal progress bar.
+
+    python tools/run_workflow.py example_workflows/learn_concept_ti.json --demo
+
+`--demo` writes a small random-weight SD 1.5-layout checkpoint and four demo images into a fresh base folder and
+shrinks the heavy settings (steps, resolution), so the run takes about a minute on a CPU. Without it the workflow
+runs as saved, against the models of the ComfyUI at --comfyui (or $COMFYUI_PATH).
+
+Only the standard library is imported at module level: ComfyUI must be configured (CPU mode, base folder) before
+any of its modules load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+LEARN = "ConceptForgeLearnConcept"
+
+# --demo: what makes the example workflows finish in about a minute on a CPU with the demo checkpoint
+DEMO_SETTINGS = {
+    LEARN: {"steps": 20, "resolution": 64, "batch_size": 2},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "KSampler": {"steps": 4},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="run_workflow.py", description="Run a ComfyUI workflow headless.")
+    ap.add_argument("workflow", type=Path, help="a workflow .json (UI format as saved by ComfyUI, or API format)")
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI folder (default: $COMFYUI_PATH)")
+    ap.add_argument("--demo", action="store_true", help="write and use a random-weight demo checkpoint and images")
+    ap.add_argument("--checkpoint", help="use this file of models/checkpoints in every Load Checkpoint node")
+    ap.add_argument("--base-directory", type=Path, help="ComfyUI base folder for models/, input/ and output/ "
+                    "(default: the ComfyUI folder; with --demo a new temporary folder)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                    help="override an input, by node id or node type (e.g. --set KSampler.steps=30); repeatable")
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    return ap.parse_args(argv)
+
+
+def bootstrap(comfyui: str, base_directory: Path, cpu: bool) -> None:
+    """Make ComfyUI importable and configure it as its main.py would, before any of its modules load."""
+    import torch
+
+    sys.path.insert(0, comfyui)
+    from comfy.cli_args import args
+
+    args.cpu = cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    args.base_directory = str(base_directory)
+    import utils.extra_config  # noqa: F401 — ComfyUI's `utils` package must load before nodes.py shadows it
+
+
+def apply_overrides(prompt: dict[str, Any], overrides: dict[str, dict[str, Any]], out: list[str]) -> None:
+    """Set inputs by node id or class type; `out` collects what changed, for the log."""
+    for node_id, node in prompt.items():
+        for target in (node_id, node["class_type"]):
+            for name, value in overrides.get(target, {}).items():
+                if not isinstance(node["inputs"].get(name), list):  # never replace a link
+                    node["inputs"][name] = value
+                    out.append(f"{node['class_type']} {node_id}: {name} = {value!r}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    result: dict[str, dict[str, Any]] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        node, dot, name = target.rpartition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--set {item!r}: expected NODE.INPUT=VALUE, e.g. KSampler.steps=30")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        result.setdefault(node, {})[name] = parsed
+    return result
+
+
+class TerminalServer:
+    """What the executor and the nodes need of ComfyUI's PromptServer, drawing progress in the terminal."""
+
+    def __init__(self) -> None:
+        self.client_id: str | None = None
+        self.last_node_id: str | None = None
+        self.last_prompt_id: str | None = None
+        self.sockets_metadata: dict[str, Any] = {}
+        self._loss: dict[str, float] = {}
+        self._started: dict[str, tuple[float, int]] = {}
+
+    def queue_updated(self) -> None:
+        pass
+
+    def send_progress_text(self, text: str, node_id: str, sid: str | None = None) -> None:
+        pass
+
+    def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
+        from .progress import LOSS_EVENT
+
+        if event == LOSS_EVENT:
+            self._loss[str(data["node"])] = data["loss"]
+        elif event == "executing" and isinstance(data, dict) and data.get("node"):
+            self.last_node_id = str(data["node"])
+
+    def progress(self, value: int, total: int, preview: Any, prompt_id: str | None = None,
+                 node_id: str | None = None) -> None:
+        import comfy.model_management
+        from comfy_execution.utils import get_executing_context
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        context = get_executing_context()
+        node = str(node_id or (context.node_id if context else None) or self.last_node_id)
+        now = time.perf_counter()
+        start, first = self._started.setdefault(node, (now, value))
+        if value <= first:
+            self._started[node] = start, first = (now, value)
+        rate = (value - first) / (now - start) if now > start else 0.0
+        eta = (total - value) / rate if rate > 0 else 0.0
+        width = 30
+        filled = int(width * value / max(total, 1))
+        line = f"\r  node {node:>3} [{'#' * filled}{'.' * (width - filled)}] {value}/{total}"
+        if node in self._loss:
+            line += f" · loss {self._loss[node]:.4f}"
+        if rate > 0:
+            from .progress import format_duration
+
+            line += f" · {rate:.2f} it/s · ETA {format_duration(eta)}"
+        sys.stderr.write(line + ("\n" if value >= total else ""))
+        sys.stderr.flush()
+
+
+def run(ns: argparse.Namespace) -> int:
+    workflow = json.loads(ns.workflow.read_text())
+    import comfy.utils
+    import execution
+    import folder_paths
+    import server
+    import nodes
+
+    from .workflow_api import is_api_prompt, workflow_to_prompt
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    if not asyncio.run(nodes.load_custom_node(str(PACK_ROOT))):
+        print("Concept Forge did not load; see the log above.", file=sys.stderr)
+        return 1
+
+    overrides = parse_overrides(ns.overrides)
+    if ns.demo:
+        from .demo import DEMO_CHECKPOINT, DEMO_IMAGES, write_demo_checkpoint, write_demo_images
+
+        write_demo_checkpoint(Path(folder_paths.get_folder_paths("checkpoints")[0]) / DEMO_CHECKPOINT)
+        write_demo_images(folder_paths.get_input_directory())
+        ns.checkpoint = ns.checkpoint or DEMO_CHECKPOINT
+        overrides = {**{k: dict(v) for k, v in DEMO_SETTINGS.items()}, **overrides}
+    classes = nodes.NODE_CLASS_MAPPINGS
+    prompt = workflow if is_api_prompt(workflow) else workflow_to_prompt(
+        workflow, lambda kind: classes[kind].INPUT_TYPES() if kind in classes else None)
+    if ns.demo:
+        loaders = sorted(k for k, v in prompt.items() if v["class_type"] == "LoadImage")
+        for i, node_id in enumerate(loaders):
+            overrides.setdefault(node_id, {})["image"] = DEMO_IMAGES[i % len(DEMO_IMAGES)]
+    if ns.checkpoint:
+        overrides.setdefault("CheckpointLoaderSimple", {})["ckpt_name"] = ns.checkpoint
+    changed: list[str] = []
+    apply_overrides(prompt, overrides, changed)
+    for line in changed:
+        print(f"  set {line}")
+
+    prompt_id = str(uuid.uuid4())
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid:
+        print(f"The workflow is not valid: {error.get('message')}: {error.get('details')}", file=sys.stderr)
+        for node_id, info in node_errors.items():
+            for e in info["errors"]:
+                print(f"  node {node_id} ({info['class_type']}): {e['message']}: {e['details']}", file=sys.stderr)
+        return 2
+
+    terminal = TerminalServer()
+    server.PromptServer.instance = terminal  # the nodes send their live loss to it
+    comfy.utils.set_progress_bar_global_hook(terminal.progress)
+    executor = execution.PromptExecutor(terminal, cache_type=execution.CacheType.CLASSIC)
+    start = time.perf_counter()
+    executor.execute(prompt, prompt_id, {}, outputs)
+    elapsed = time.perf_counter() - start
+
+    if not executor.success:
+        for event, data in executor.status_messages:
+            if event == "execution_error":
+                print(f"\nnode {data['node_id']} ({data['node_type']}) failed: {data['exception_message']}",
+                      file=sys.stderr)
+            elif event == "execution_interrupted":
+                print(f"\ninterrupted at node {data['node_id']} ({data['node_type']})", file=sys.stderr)
+        return 1
+    print(f"\nDone in {elapsed:.1f} s.")
+    for node_id, ui in executor.history_result.get("outputs", {}).items():
+        kind = prompt[node_id]["class_type"]
+        for text in ui.get("text", []):
+            print(f"  {kind} {node_id}: {text}")
+        for image in ui.get("images", []):
+            folder = folder_paths.get_directory_by_type(image.get("type", "output"))
+            print(f"  {kind} {node_id}: wrote {Path(folder, image.get('subfolder', ''), image['filename'])}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    if not ns.comfyui or not Path(ns.comfyui, "comfy", "sd.py").is_file():
+        print("No ComfyUI found: pass --comfyui PATH or set COMFYUI_PATH to a ComfyUI (>= 0.3.64) folder.",
+              file=sys.stderr)
+        return 2
+    base = ns.base_directory or (Path(tempfile.mkdtemp(prefix="concept_forge_demo_")) if ns.demo else Path(ns.comfyui))
+    for folder in ("custom_nodes", "input", "output", "models"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("concept_forge").setLevel(logging.WARNING)  # the progress bar shows step and loss
+    print(f"ComfyUI: {ns.comfyui}\nbase folder: {base}")
+    bootstrap(ns.comfyui, base, ns.cpu)
+    try:
+        return run(ns)
+    finally:
+        if ns.demo and ns.base_directory is None:
+            print(f"(the demo files stay in {base}; delete the folder when done)")
