@@ -16,10 +16,6 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import comfy.ldm.models.autoencoder
-import comfy.sd1_clip
-import comfy.supported_models
-
 DEMO_CHECKPOINT = "concept_forge_demo_sd15.safetensors"
 DEMO_IMAGES = tuple(f"concept_forge_demo_{i}.png" for i in range(1, 5))
 UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1], channel_mult=[1],
@@ -47,6 +43,10 @@ def _random_state(module: torch.nn.Module, prefix: str, generator: torch.Generat
 
 def write_demo_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> Path:
     """Write the demo checkpoint to `path` (about 400 MB, fp16) unless it is already there."""
+    import comfy.ldm.models.autoencoder  # here, so the names above import without ComfyUI
+    import comfy.sd1_clip
+    import comfy.supported_models
+
     path = Path(path)
     if path.exists():
         return path

@@ -64,11 +64,32 @@ def bootstrap(comfyui: str, base_directory: Path, cpu: bool) -> None:
 def apply_overrides(prompt: dict[str, Any], overrides: dict[str, dict[str, Any]], out: list[str]) -> None:
     """Set inputs by node id or class type; `out` collects what changed, for the log."""
     for node_id, node in prompt.items():
-        for target in (node_id, node["class_type"]):
+        for target in (node["class_type"], node_id):  # a node id is more specific than its type
             for name, value in overrides.get(target, {}).items():
                 if not isinstance(node["inputs"].get(name), list):  # never replace a link
                     node["inputs"][name] = value
                     out.append(f"{node['class_type']} {node_id}: {name} = {value!r}")
+
+
+def demo_overrides(prompt: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The --demo changes: the demo checkpoint and images, and settings small enough for a CPU."""
+    from .demo import DEMO_CHECKPOINT, DEMO_IMAGES
+
+    overrides = {kind: dict(values) for kind, values in DEMO_SETTINGS.items()}
+    overrides["CheckpointLoaderSimple"] = {"ckpt_name": DEMO_CHECKPOINT}
+    loaders = sorted((k for k, v in prompt.items() if v["class_type"] == "LoadImage"), key=int)
+    for i, node_id in enumerate(loaders):
+        overrides[node_id] = {"image": DEMO_IMAGES[i % len(DEMO_IMAGES)]}
+    return overrides
+
+
+def merge_overrides(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Later layers win, input by input."""
+    merged: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for target, values in layer.items():
+            merged.setdefault(target, {}).update(values)
+    return merged
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -155,19 +176,15 @@ def run(ns: argparse.Namespace) -> int:
 
     overrides = parse_overrides(ns.overrides)
     if ns.demo:
-        from .demo import DEMO_CHECKPOINT, DEMO_IMAGES, write_demo_checkpoint, write_demo_images
+        from .demo import DEMO_CHECKPOINT, write_demo_checkpoint, write_demo_images
 
         write_demo_checkpoint(Path(folder_paths.get_folder_paths("checkpoints")[0]) / DEMO_CHECKPOINT)
         write_demo_images(folder_paths.get_input_directory())
-        ns.checkpoint = ns.checkpoint or DEMO_CHECKPOINT
-        overrides = {**{k: dict(v) for k, v in DEMO_SETTINGS.items()}, **overrides}
     classes = nodes.NODE_CLASS_MAPPINGS
     prompt = workflow if is_api_prompt(workflow) else workflow_to_prompt(
         workflow, lambda kind: classes[kind].INPUT_TYPES() if kind in classes else None)
     if ns.demo:
-        loaders = sorted(k for k, v in prompt.items() if v["class_type"] == "LoadImage")
-        for i, node_id in enumerate(loaders):
-            overrides.setdefault(node_id, {})["image"] = DEMO_IMAGES[i % len(DEMO_IMAGES)]
+        overrides = merge_overrides(demo_overrides(prompt), overrides)
     if ns.checkpoint:
         overrides.setdefault("CheckpointLoaderSimple", {})["ckpt_name"] = ns.checkpoint
     changed: list[str] = []

@@ -63,3 +63,15 @@ def test_dict_widget_values_and_unknown_nodes():
 def test_api_prompts_are_recognised():
     assert is_api_prompt({"1": {"class_type": "Loader", "inputs": {}}})
     assert not is_api_prompt({"nodes": [], "links": []})
+
+
+def test_overrides_merge_input_by_input_and_never_replace_links():
+    from concept_forge.nodes.headless import apply_overrides, merge_overrides
+
+    merged = merge_overrides({"Sampler": {"steps": 4, "seed": 1}}, {"Sampler": {"steps": 30}, "2": {"seed": 9}})
+    assert merged == {"Sampler": {"steps": 30, "seed": 1}, "2": {"seed": 9}}
+    prompt = {"2": {"class_type": "Sampler", "inputs": {"steps": 20, "seed": 0, "model": ["1", 0]}}}
+    changed = []
+    apply_overrides(prompt, {**merged, "Sampler": {**merged["Sampler"], "model": "x"}}, changed)
+    assert prompt["2"]["inputs"] == {"steps": 30, "seed": 9, "model": ["1", 0]}
+    assert len(changed) == 3

@@ -1,0 +1,109 @@
+"""The pack in a real headless ComfyUI server: it loads, the shipped workflows run, and Cancel works."""
+
+import json
+from pathlib import Path
+
+import pytest
+from comfy_tier import require_comfyui
+
+tc = require_comfyui()
+
+from comfy_server import ComfyServer  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from concept_forge.nodes.headless import apply_overrides, demo_overrides, merge_overrides  # noqa: E402
+from concept_forge.nodes.workflow_api import workflow_to_prompt  # noqa: E402
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
+NODE_IDS = {"ConceptForgeLearnConcept", "ConceptForgeTrainingOptions", "ConceptForgeSaveConcept",
+            "ConceptForgeLoadConcept"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = ComfyServer(tc.COMFYUI_PATH, tmp_path_factory.mktemp("server"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def api_prompt(path, object_info, **changes):
+    prompt = workflow_to_prompt(json.loads(path.read_text()), lambda kind: (object_info.get(kind) or {}).get("input"))
+    apply_overrides(prompt, merge_overrides(demo_overrides(prompt), changes), [])
+    return prompt
+
+
+def test_the_pack_loads_without_errors_under_one_category(server, object_info):
+    assert NODE_IDS <= set(object_info)
+    assert {object_info[n]["category"].split("/")[0] for n in NODE_IDS} == {"concept_forge"}
+    log = server.log()
+    assert "concept_forge" not in "".join(line for line in log.splitlines() if "Cannot import" in line or "FAILED" in line)
+    learn = object_info["ConceptForgeLearnConcept"]
+    tooltips = [spec[1].get("tooltip") for section in learn["input"].values() if isinstance(section, dict)
+                for spec in section.values() if isinstance(spec, list) and len(spec) > 1]
+    assert tooltips and all(tooltips)  # every input explains itself
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_example_workflow_runs(server, object_info, path):
+    prompt = api_prompt(path, object_info)
+    outcome, messages = server.run(prompt)
+    assert outcome == "execution_success", server.log()[-3000:]
+    history = server.history(messages[-1]["data"]["prompt_id"])
+    images = [image for output in history["outputs"].values() for image in output.get("images", [])]
+    assert images and all((server.base / "output" / i["subfolder"] / i["filename"]).exists() for i in images)
+    progress = [m for m in messages if m["type"] == "progress"]
+    learn_nodes = [k for k, v in prompt.items() if v["class_type"] == "ConceptForgeLearnConcept"]
+    for node_id in learn_nodes:
+        steps = [m["data"]["value"] for m in progress if m["data"]["node"] == node_id]
+        assert steps == list(range(1, prompt[node_id]["inputs"]["steps"] + 1))
+
+
+def test_saved_concept_is_a_stock_embedding_a_new_graph_uses(server, object_info):
+    with safe_open(str(server.base / "models" / "embeddings" / "my_dog.safetensors"), framework="pt") as f:
+        assert {k: tuple(f.get_tensor(k).shape) for k in f.keys()} == {"emb_params": (1, 768)}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": demo_overrides({})
+                                                                 ["CheckpointLoaderSimple"]["ckpt_name"]}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of embedding:my_dog"}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0],
+                                                   "latent_image": ["3", 0], "seed": 1, "steps": 1, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
+    }
+    before = server.log()
+    outcome, _ = server.run(prompt)
+    assert outcome == "execution_success"
+    assert "embedding:my_dog does not exist" not in server.log()[len(before):]
+
+
+def test_interrupt_stops_training_within_two_steps_and_the_next_prompt_runs(server, object_info):
+    path = next(p for p in WORKFLOWS if p.stem == "learn_concept_ti")
+    prompt = api_prompt(path, object_info, ConceptForgeLearnConcept={"steps": 500, "name": "interrupted", "seed": 5},
+                        ConceptForgeSaveConcept={"name": "interrupted"})
+    state = {"sent_at": None, "after": 0}
+
+    def on_message(message):
+        if message["type"] != "progress" or prompt[message["data"]["node"]]["class_type"] != "ConceptForgeLearnConcept":
+            return
+        if state["sent_at"] is None and message["data"]["value"] >= 2:
+            state["sent_at"] = message["data"]["value"]
+            server.post("/interrupt")
+        elif state["sent_at"] is not None:
+            state["after"] += 1
+
+    outcome, messages = server.run(prompt, on_message)
+    assert outcome == "execution_interrupted"
+    assert state["sent_at"] is not None and state["after"] <= 2
+    assert not (server.base / "models" / "embeddings" / "interrupted.safetensors").exists()
+    again = api_prompt(path, object_info, ConceptForgeLearnConcept={"steps": 2, "name": "after_cancel", "seed": 6},
+                       ConceptForgeSaveConcept={"name": "after_cancel"})
+    outcome, _ = server.run(again)
+    assert outcome == "execution_success"
+    assert (server.base / "models" / "embeddings" / "after_cancel.safetensors").exists()
