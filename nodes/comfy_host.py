@@ -17,12 +17,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import comfy.model_management as mm
+import comfy.model_sampling
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-
-import comfy.model_management as mm
-import comfy.model_sampling
 
 from ..trainers.concept import ARCH_LABELS, Arch
 from ..trainers.host import TextEncoder
@@ -91,7 +90,10 @@ def tokenizer_with_lookup(tokenizer: Any, keys: Sequence[str], lookup: Lookup) -
     return tokenizer
 
 
-def _lookup_first(key: str, lookup: Lookup, fallback: Callable[[str], tuple[Any, str]]) -> Callable[[str], tuple[Any, str]]:
+TryGet = Callable[[str], tuple[Any, str]]  # SDTokenizer._try_get_embedding: name → (vectors or None, leftover)
+
+
+def _lookup_first(key: str, lookup: Lookup, fallback: TryGet) -> TryGet:
     def try_get_embedding(embedding_name: str) -> tuple[Any, str]:
         words = embedding_name.split()
         if not words:
@@ -340,7 +342,7 @@ def _batch_prompts(hidden: Tensor, pooled: Tensor | None, counts: Sequence[int])
     if all(c == 1 for c in counts):
         return hidden, pooled
     starts = [sum(counts[:i]) for i in range(len(counts))]
-    per_prompt = [hidden[s:s + c].reshape(1, -1, hidden.shape[-1]) for s, c in zip(starts, counts)]
+    per_prompt = [hidden[s:s + c].reshape(1, -1, hidden.shape[-1]) for s, c in zip(starts, counts, strict=True)]
     common = math.lcm(*(p.shape[1] for p in per_prompt))
     stacked = torch.cat([p.repeat(1, common // p.shape[1], 1) for p in per_prompt])
     return stacked, None if pooled is None else pooled[starts]

@@ -165,6 +165,7 @@ def run(ns: argparse.Namespace) -> int:
     import execution
     import folder_paths
     import server
+
     import nodes
 
     from .workflow_api import is_api_prompt, workflow_to_prompt

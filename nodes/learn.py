@@ -181,8 +181,10 @@ class LearnConcept(io.ComfyNode):
                                         "Training Options node."),
             ],
             outputs=[
-                ConceptIO.Output("concept", display_name="concept", tooltip="The learned concept: save it, apply it, inspect it."),
-                io.Clip.Output("concept_clip", display_name="clip", tooltip="The CLIP with the concept applied: write embedding:<name> in CLIP "
+                ConceptIO.Output("concept", display_name="concept",
+                                 tooltip="The learned concept: save it, apply it, inspect it."),
+                io.Clip.Output("concept_clip", display_name="clip",
+                               tooltip="The CLIP with the concept applied: write embedding:<name> in CLIP "
                                "Text Encode."),
                 io.LossMap.Output("loss", display_name="loss", tooltip="Loss per step; Plot Loss Graph draws it."),
             ],
@@ -230,7 +232,8 @@ class TrainingOptionsNode(io.ComfyNode):
                 io.Boolean.Input("scale_learning_rate", default=True, tooltip="Multiply the learning rate by batch "
                                  "size × accumulation, as the papers do. Off uses it as given."),
             ],
-            outputs=[TrainingOptionsIO.Output("training_options", display_name="training_options", tooltip="Connect to Learn Concept.")],
+            outputs=[TrainingOptionsIO.Output("training_options", display_name="training_options",
+                                              tooltip="Connect to Learn Concept.")],
         )
 
     @classmethod

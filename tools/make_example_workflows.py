@@ -17,7 +17,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "example_workflows"
-SIZES = {"MarkdownNote": (400, 260), "CLIPTextEncode": (400, 160)}
+SIZES = {"MarkdownNote": (400, 260), "CLIPTextEncode": (400, 160), "LoadImage": (315, 314), "KSampler": (315, 262),
+         "SaveImage": (315, 270), "ConceptForgeLearnConcept": (360, 0)}
 
 
 class Graph:
@@ -63,10 +64,11 @@ class Graph:
             raise ValueError(f"{kind}: unknown inputs {sorted(values)}")
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
         outputs = [{"name": str(n), "type": str(t), "links": [], "slot_index": i}
-                   for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
+                   for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES, strict=True))]
         rows = len(inputs) + len(widget_values) + len(outputs)
+        width, height = SIZES.get(kind, (320, 0))
         self.nodes.append({"id": node_id, "type": kind, "pos": list(pos),
-                           "size": list(SIZES.get(kind, (320, 46 + 24 * rows))), "flags": {}, "order": node_id,
+                           "size": [width, height or 46 + 24 * rows], "flags": {}, "order": node_id,
                            "mode": 0, "inputs": inputs, "outputs": outputs,
                            "properties": {"Node name for S&R": kind}, "widgets_values": widget_values,
                            **({"title": title} if title else {})})
@@ -85,21 +87,21 @@ def learn_concept_ti(g: Graph) -> None:
            "Cancel stops it.\n\nThe prompt uses `embedding:my_dog`. Save Concept writes "
            "`models/embeddings/my_dog.safetensors`, usable in any workflow.", (20, 20))
     ckpt = g.node("CheckpointLoaderSimple", (20, 310), ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
-    images = [g.node("LoadImage", (440 + 260 * (i % 2), 20 + 330 * (i // 2)), image=f"my_dog_{i + 1}.png")
+    images = [g.node("LoadImage", (450 + 340 * (i % 2), 20 + 350 * (i // 2)), image=f"my_dog_{i + 1}.png")
               for i in range(4)]
-    first = g.node("ImageBatch", (980, 40), image1=(images[0], 0), image2=(images[1], 0))
-    second = g.node("ImageBatch", (980, 170), image1=(images[2], 0), image2=(images[3], 0))
-    batch = g.node("ImageBatch", (980, 300), image1=(first, 0), image2=(second, 0))
-    learn = g.node("ConceptForgeLearnConcept", (1320, 40), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2),
+    first = g.node("ImageBatch", (1130, 40), image1=(images[0], 0), image2=(images[1], 0))
+    second = g.node("ImageBatch", (1130, 190), image1=(images[2], 0), image2=(images[3], 0))
+    batch = g.node("ImageBatch", (1130, 340), image1=(first, 0), image2=(second, 0))
+    learn = g.node("ConceptForgeLearnConcept", (1480, 40), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2),
                    images=(batch, 0), name="my_dog", init_word="dog", method="ti", steps=400)
-    g.node("ConceptForgeSaveConcept", (1320, 620), concept=(learn, 0))
-    positive = g.node("CLIPTextEncode", (1720, 40), clip=(learn, 1), text="a photo of embedding:my_dog on the beach")
-    negative = g.node("CLIPTextEncode", (1720, 230), clip=(learn, 1), text="blurry, low quality")
-    latent = g.node("EmptyLatentImage", (1720, 420), width=512, height=512, batch_size=1)
-    sampled = g.node("KSampler", (2160, 40), model=(ckpt, 0), positive=(positive, 0), negative=(negative, 0),
+    g.node("ConceptForgeSaveConcept", (1480, 720), concept=(learn, 0))
+    positive = g.node("CLIPTextEncode", (1880, 40), clip=(learn, 1), text="a photo of embedding:my_dog on the beach")
+    negative = g.node("CLIPTextEncode", (1880, 240), clip=(learn, 1), text="blurry, low quality")
+    latent = g.node("EmptyLatentImage", (1880, 440), width=512, height=512, batch_size=1)
+    sampled = g.node("KSampler", (2320, 40), model=(ckpt, 0), positive=(positive, 0), negative=(negative, 0),
                      latent_image=(latent, 0), seed=42, steps=25, cfg=7.0, scheduler="normal")
-    decoded = g.node("VAEDecode", (2500, 40), samples=(sampled, 0), vae=(ckpt, 2))
-    g.node("SaveImage", (2500, 160), images=(decoded, 0), filename_prefix="concept_forge/my_dog")
+    decoded = g.node("VAEDecode", (2680, 40), samples=(sampled, 0), vae=(ckpt, 2))
+    g.node("SaveImage", (2680, 160), images=(decoded, 0), filename_prefix="concept_forge/my_dog")
 
 
 WORKFLOWS = {"learn_concept_ti": learn_concept_ti}
@@ -139,6 +141,7 @@ def main() -> None:
 
     args.cpu = True
     import utils.extra_config  # noqa: F401 — as ComfyUI's main.py, before nodes.py shadows `utils`
+
     import nodes
 
     spec = importlib.util.spec_from_file_location("concept_forge", ROOT / "__init__.py",

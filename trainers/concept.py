@@ -36,7 +36,8 @@ def name_problem(name: str) -> str | None:
     if len(name) > 100:
         return f"'{name}' is longer than 100 characters"
     if not _NAME.match(name):
-        return f"'{name}' may only contain letters, digits, '_', '-' and '.' (it is typed as embedding:{name} in prompts)"
+        return (f"'{name}' may only contain letters, digits, '_', '-' and '.' (it is typed as embedding:{name} "
+                "in prompts)")
     return None
 
 

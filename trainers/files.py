@@ -122,6 +122,7 @@ def _concept_from_record(record: Mapping[str, Any], content: Mapping[str, Tensor
         raise ValueError(f"This concept file has format {record['format']}; update Concept Forge to read it.")
     arch: Arch = record["arch"]
     keys = ARCH_ENCODERS[arch]
+    vectors: dict[str, Tensor]
     if arch == "sdxl":
         vectors = {k: cpu_float(content[FILE_KEYS[k]]) for k in keys if FILE_KEYS[k] in content}
     else:
@@ -139,7 +140,8 @@ def parse_embedding(content: Any, label: str) -> tuple[Arch, dict[str, Tensor], 
     """
     if isinstance(content, Mapping) and "string_to_param" in content:
         params = content["string_to_param"]
-        provenance = {k: content[k] for k in ("name", "step", "sd_checkpoint_name") if isinstance(content.get(k), (str, int))}
+        provenance = {k: content[k] for k in ("name", "step", "sd_checkpoint_name")
+                      if isinstance(content.get(k), (str, int))}
         return (*_single_encoder(_as_matrix(next(iter(params.values())), label), label), provenance)
     if not isinstance(content, Mapping):
         raise ValueError(f"{label}: expected a dict of tensors, got {type(content).__name__}.")

@@ -228,7 +228,7 @@ def train(method: Method, host: Host, data: TrainingSet, options: LoopOptions,
             loss = host.loss(latents, cond, noise, timesteps, mask).mean()
             reg = method.regularizer()
             # divide so that the accumulated gradient is the mean over all micro-batches, not their sum
-            ((loss if reg is None else loss + reg) / options.grad_accum).backward()
+            ((loss if reg is None else loss + reg) / options.grad_accum).backward()  # type: ignore[no-untyped-call]
             step_loss += loss.detach() / options.grad_accum
         finite = [step_loss.isfinite()] + [p.grad.isfinite().all() for p in method.parameters() if p.grad is not None]
         if not bool(torch.stack(finite).all()):  # the one sync point per step

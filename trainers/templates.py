@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal, Sequence
+from typing import Literal
 
 PromptMode = Literal["object", "style", "captions"]
 SLOT = "{}"

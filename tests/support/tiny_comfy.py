@@ -84,7 +84,8 @@ def tiny_model(arch: str = "sd1", v_prediction: bool = False, seed: int = 1):
     config_class = {"sd1": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20,
                     "sdxl": comfy.supported_models.SDXL}[arch]
     if arch == "sdxl":
-        unet.update(adm_in_channels=TE_G["hidden_size"] + 6 * 256, num_classes="sequential")  # pooled + 6 size embeddings
+        # the ADM vector: clip_g's pooled output and 6 size embeddings of 256
+        unet.update(adm_in_channels=TE_G["hidden_size"] + 6 * 256, num_classes="sequential")
     config = config_class(unet)
     config.unet_config.update(num_heads=2, num_head_channels=-1)  # SD2's 64-channel heads do not fit 32 channels
     config.set_inference_dtype(torch.float32, None)

@@ -13,9 +13,8 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
-
 from concept_forge.trainers.host import TextEncoder
+from torch import Tensor
 
 WORDS = ("a photo of the my one clean dirty dark cool close-up bright cropped good nice small weird large "
          "rendering rendition painting picture in style dog cat toy teddy bear red blue on beach").split()

@@ -7,7 +7,8 @@ from typing import Any, Mapping, Protocol
 import torch
 from torch import Tensor
 
-from ..concept import Arch, Concept, Method as MethodName
+from ..concept import Arch, Concept
+from ..concept import Method as MethodName
 from ..host import Host
 
 

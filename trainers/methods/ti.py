@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from ..concept import Arch, Concept, cpu_float
+from ..concept import Arch, Concept, Method, cpu_float
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class TIOptions:
 
 
 class TextualInversion:
-    name = "ti"
+    name: Method = "ti"
 
     def __init__(self, init: Mapping[str, Tensor], options: TIOptions = TIOptions()):
         self.options = options

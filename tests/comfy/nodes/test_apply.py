@@ -62,6 +62,7 @@ def test_two_concepts_resolve_independently_and_fall_back_to_files(tmp_path):
     clip = tc.tiny_clip("sd1", embedding_directory=str(tmp_path))
     a, b = random_concept("sd1", n=1, name="a", seed=1), random_concept("sd1", n=3, name="b", seed=2)
     applied = apply_concepts(clip, [a, b], "test")
-    items = [t for t, _ in applied.tokenize("embedding:a embedding:b embedding:from_file")["l"][0] if torch.is_tensor(t)]
+    tokens = applied.tokenize("embedding:a embedding:b embedding:from_file")["l"][0]
+    items = [t for t, _ in tokens if torch.is_tensor(t)]
     assert len(items) == 1 + 3 + 1
     assert torch.equal(items[0], a.vectors["l"][0]) and torch.equal(items[3], b.vectors["l"][2])

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from comfy_tier import require_comfyui
 
 tc = require_comfyui()
@@ -89,7 +88,8 @@ def test_v_prediction_loss_is_the_mse_of_the_velocity():
     with torch.inference_mode(False), torch.enable_grad(), ComfyHost(model, clip, vae, "sd2") as host:
         latents = host.encode_images(tc.tiny_images(2))
         cond = host.encode([host.prepare_prompt("a photo of a {}", 1)] * 2, init_vectors(host, "dog"))
-        noise, timesteps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3)), torch.tensor([100, 800])
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
+        timesteps = torch.tensor([100, 800])
         ours = host.loss(latents, cond, noise, timesteps)
         # the velocity target straight from the UNet output: x0 = c_skip·x − c_out·v
         sampling, base = host.model.model.model_sampling, host.model.model

@@ -81,7 +81,8 @@ def test_load_lists_and_reads_third_party_embeddings(model_folders):
 
 
 def test_load_validation_names_missing_files_and_bad_names(model_folders):
-    assert "embeddings/nope.safetensors was not found" in LoadConcept.validate_inputs(file="embeddings/nope.safetensors")
+    missing = LoadConcept.validate_inputs(file="embeddings/nope.safetensors")
+    assert "embeddings/nope.safetensors was not found" in missing
     run_node(SaveConcept, concept=ti(), name="", overwrite=False)
     assert LoadConcept.validate_inputs(file="embeddings/my_dog.safetensors") is True
     assert "path separator" in LoadConcept.validate_inputs(file="embeddings/my_dog.safetensors", name="a/b")

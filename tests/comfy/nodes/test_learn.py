@@ -8,7 +8,6 @@ tc = require_comfyui()
 
 import comfy.model_management as mm  # noqa: E402
 import comfy.utils  # noqa: E402
-
 from concept_forge.nodes.learn import LearnConcept  # noqa: E402
 from concept_forge.trainers.files import read_concept  # noqa: E402
 

@@ -1,7 +1,6 @@
 """UI-format workflows → API prompts, as the frontend converts them (no ComfyUI needed: the definitions are data)."""
 
 import pytest
-
 from concept_forge.nodes.workflow_api import is_api_prompt, widgets, workflow_to_prompt
 
 DEFS = {
@@ -16,7 +15,7 @@ DEFS = {
 
 def node(id, type, widgets_values=(), inputs=(), mode=0, outputs=()):
     return {"id": id, "type": type, "mode": mode, "widgets_values": list(widgets_values),
-            "inputs": [{"name": n, "type": t, "link": l} for n, t, l in inputs],
+            "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
             "outputs": [{"name": t, "type": t, "links": []} for t in outputs]}
 
 

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from concept_forge.trainers.concept import Concept, name_problem
 
 

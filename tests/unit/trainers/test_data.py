@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from concept_forge.trainers.data import prepare_images, prepare_masks, square_resize
 
 

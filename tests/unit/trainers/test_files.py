@@ -3,12 +3,11 @@ import pickle
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from concept_forge.trainers import files
 from concept_forge.trainers.concept import Concept
 from concept_forge.trainers.files import METADATA_KEY, read_concept, save_concept
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 def file_keys(path):

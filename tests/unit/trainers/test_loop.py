@@ -1,12 +1,17 @@
 import pytest
 import torch
-from tiny_host import TinyHost, tiny_images
-
-from concept_forge.trainers.loop import (LoopOptions, NonFiniteLoss, TrainingSet, sample_plan,
-                                         scaled_learning_rate, train)
+from concept_forge.trainers.loop import (
+    LoopOptions,
+    NonFiniteLoss,
+    TrainingSet,
+    sample_plan,
+    scaled_learning_rate,
+    train,
+)
 from concept_forge.trainers.methods import init_vectors
 from concept_forge.trainers.methods.ti import TextualInversion
 from concept_forge.trainers.templates import OBJECT_TEMPLATES
+from tiny_host import TinyHost, tiny_images
 
 
 def ti_run(host=None, steps=10, seed=0, on_step=None, **options):
@@ -34,7 +39,7 @@ def test_sample_plan_sees_every_image_equally_often():
 
 def test_a_shorter_plan_is_a_prefix_of_a_longer_one():
     short, long = sample_plan(5, 27, False, 2, 7, 0.5, seed=9), sample_plan(5, 27, False, 2, 30, 0.5, seed=9)
-    for a, b in zip((short.images, short.flips, short.prompts), (long.images, long.flips, long.prompts)):
+    for a, b in zip((short.images, short.flips, short.prompts), (long.images, long.flips, long.prompts), strict=True):
         assert torch.equal(a, b[:7])
 
 

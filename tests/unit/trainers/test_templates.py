@@ -1,7 +1,5 @@
 import pytest
-
-from concept_forge.trainers.templates import (OBJECT_TEMPLATES, STYLE_TEMPLATES, caption_prompts,
-                                              training_prompts)
+from concept_forge.trainers.templates import OBJECT_TEMPLATES, STYLE_TEMPLATES, caption_prompts, training_prompts
 
 
 def test_template_lists_are_the_diffusers_ones():

@@ -1,9 +1,8 @@
 import pytest
 import torch
-from tiny_host import TinyHost
-
 from concept_forge.trainers.methods import init_vectors
 from concept_forge.trainers.methods.ti import TextualInversion
+from tiny_host import TinyHost
 
 
 def test_each_init_token_initialises_its_own_vector_on_every_encoder():
