@@ -122,3 +122,30 @@ def test_training_leaves_the_users_clip_and_model_untouched():
     layer = clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[0]
     assert getattr(layer.forward, "__func__", None) is type(layer).forward  # the out-of-place patch is gone
     assert all(not getattr(m, "weight_function", []) for m in model.model.modules())
+
+
+def vector_gradient(**host_options):
+    model, clip, vae = models("sd1")
+    with torch.inference_mode(False), torch.enable_grad(), ComfyHost(model, clip, vae, "sd1", **host_options) as host:
+        latents = host.encode_images(tc.tiny_images(2))
+        v = init_vectors(host, "dog")["l"].requires_grad_(True)
+        cond = host.encode([host.prepare_prompt("a photo of a {}", 1)] * 2, {"l": v})
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
+        loss = host.loss(latents, cond, noise, torch.tensor([300, 700])).sum()
+        loss.backward()
+    return loss.item(), v.grad
+
+
+def test_gradient_checkpointing_recomputes_the_same_gradient():
+    plain_loss, plain_grad = vector_gradient()
+    checkpointed_loss, checkpointed_grad = vector_gradient(gradient_checkpointing=True)
+    assert checkpointed_loss == pytest.approx(plain_loss, abs=1e-6)
+    assert torch.allclose(checkpointed_grad, plain_grad, atol=1e-6)
+
+
+def test_bf16_precision_trains_close_to_fp32():
+    fp32_loss, fp32_grad = vector_gradient()
+    bf16_loss, bf16_grad = vector_gradient(precision="bf16")
+    assert bf16_loss == pytest.approx(fp32_loss, rel=0.05)
+    cosine = torch.nn.functional.cosine_similarity(bf16_grad.flatten(), fp32_grad.flatten(), dim=0)
+    assert cosine > 0.9
