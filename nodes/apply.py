@@ -18,7 +18,7 @@ def check_concept_fits(concept: Concept, clip: Any, node: str) -> None:
     if arch != concept.arch:
         raise ValueError(f"{node}: concept '{concept.name}' was learned on {ARCH_LABELS[concept.arch]} but this CLIP "
                          f"is {describe_clip(clip)}; load a matching checkpoint or relearn the concept.")
-    widths = {k: int(e.weight.shape[1]) for k, e in _embeddings(clip).items()}
+    widths = {k: int(table.shape[1]) for k, table in encoder_tables(clip).items()}
     for key, vectors in concept.vectors.items():
         if vectors.shape[-1] != widths[key]:
             raise ValueError(f"{node}: concept '{concept.name}' has {vectors.shape[-1]}-wide vectors for clip_{key} "
@@ -43,6 +43,8 @@ def apply_concepts(clip: Any, concepts: Sequence[Concept], node: str) -> Any:
     return applied
 
 
-def _embeddings(clip: Any) -> dict[str, Any]:
+def encoder_tables(clip: Any) -> dict[str, Tensor]:
+    """The token-embedding table [V, d] of each text encoder of a supported CLIP (read only)."""
     model = clip.cond_stage_model
-    return {k: getattr(model, f"clip_{k}").transformer.get_input_embeddings() for k in ENCODER_KEYS[clip_arch(clip)]}
+    return {k: getattr(model, f"clip_{k}").transformer.get_input_embeddings().weight
+            for k in ENCODER_KEYS[clip_arch(clip)]}

@@ -12,17 +12,17 @@ from ..trainers.concept import Arch, Concept, name_problem
 from ..trainers.data import prepare_images, prepare_masks
 from ..trainers.files import save_concept
 from ..trainers.loop import LoopOptions, NonFiniteLoss, TrainingSet, TrainResult, scaled_learning_rate, train
-from ..trainers.methods import create_method, method_options
+from ..trainers.methods import MODULES, create_method, method_options
 from ..trainers.templates import training_prompts
 from .apply import apply_concepts
 from .comfy_host import PRECISIONS, ComfyHost, detect_arch
 from .paths import display_path, recovery_path
 from .progress import NodeProgress
 from .provenance import provenance
-from .types import CATEGORY, OPTIONS_CATEGORY, ConceptIO, TrainingOptionsIO
+from .types import CATEGORY, OPTIONS_CATEGORY, ConceptIO, MethodOptionsIO, TrainingOptionsIO
 
 NODE = "Learn Concept"
-METHODS = ["ti"]
+METHODS = list(MODULES)
 PROMPT_MODES = ["object", "style", "captions"]
 HELDOUT_DRAWS = 4  # fixed (noise, timestep) pairs per image for the before/after loss in the summary
 
@@ -80,7 +80,10 @@ def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor, mask: torch.Ten
     if vae is None:
         raise ValueError(f"{NODE}: the VAE input is empty; connect the VAE output of Load Checkpoint.")
     arch = detect_arch(model, clip, NODE)
-    options = method_options(s.method, s.method_options)
+    try:
+        options = method_options(s.method, s.method_options)
+    except ValueError as e:
+        raise ValueError(f"{NODE}: {e}") from e
     steps = s.steps or options.steps
     base_lr = s.learning_rate or options.learning_rate
     accum = s.training.gradient_accumulation
@@ -127,6 +130,9 @@ def summary(learned: Learned) -> str:
     if r.heldout_before is not None and r.heldout_after is not None:
         change = 100 * (r.heldout_after - r.heldout_before) / r.heldout_before
         lines.append(f"Held-out loss {r.heldout_before:.4f} → {r.heldout_after:.4f} ({change:+.1f}%).")
+    if "magnitude" in c.state:
+        shells = ", ".join(f"{m:.3f} (clip_{k})" for k, m in c.state["magnitude"].items())
+        lines.append(f"Vector length held at the vocabulary's norm m* = {shells}.")
     lines.append(f"Prompt it as embedding:{c.name} through the CLIP output; Save Concept keeps it.")
     return "\n".join(lines)
 
@@ -150,12 +156,14 @@ class LearnConcept(io.ComfyNode):
                 io.String.Input("init_word", default="object", tooltip="A word close to the concept ('dog', "
                                 "'teddy bear', 'painting'); the learned vectors start from its tokens."),
                 io.Combo.Input("method", options=METHODS, default="ti", tooltip="ti: Textual Inversion, free token "
-                               "vectors (Gal et al. 2022)."),
+                               "vectors (Gal et al. 2022). dti: Directional TI, the length fixed at the vocabulary's "
+                               "norm and only the direction learned (Kim et al. 2025); its recipe is the paper's "
+                               "SDXL one, used unchanged for SD 1.x/2.x at 512 px (not paper-verified)."),
                 io.Int.Input("steps", default=0, min=0, max=100000, tooltip="Optimizer steps. 0 uses the method's "
-                             "default (TI 3000)."),
+                             "default: TI 3000, DTI 400."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=0.0001, tooltip="Per-sample "
                                "learning rate, multiplied by batch size × accumulation as the papers do. 0 uses "
-                               "the method's default (TI 0.005)."),
+                               "the method's default: TI 0.005, DTI 0.01 (a rotation step, 0.04 at batch 4)."),
                 io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Images per step. Lower it if you "
                              "run out of memory; the effective learning rate follows it."),
                 io.Int.Input("vectors", default=0, min=0, max=16, tooltip="Vectors per text encoder. 0 gives one "
@@ -179,6 +187,8 @@ class LearnConcept(io.ComfyNode):
                                 "its name. One line alone serves every image."),
                 TrainingOptionsIO.Input("training_options", optional=True, tooltip="Advanced options from a "
                                         "Training Options node."),
+                MethodOptionsIO.Input("method_options", optional=True, tooltip="The method's own settings from its "
+                                      "options node (DTI Options, ...); without it the paper's defaults apply."),
             ],
             outputs=[
                 ConceptIO.Output("concept", display_name="concept",
@@ -206,10 +216,10 @@ class LearnConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, name, init_word, method, steps, learning_rate, batch_size, vectors,
                 resolution, prompts, seed, precision, gradient_checkpointing, mask=None, captions="",
-                training_options=None) -> io.NodeOutput:
+                training_options=None, method_options=None) -> io.NodeOutput:
         settings = LearnSettings(name, init_word, method, steps, learning_rate, batch_size, vectors, resolution,
                                  prompts, seed, precision, gradient_checkpointing, captions or "",
-                                 training_options or TrainingOptions())
+                                 training_options or TrainingOptions(), method_options)
         learned = learn(model, clip, vae, images, mask, settings, cls.hidden.unique_id, cls.hidden.prompt)
         applied = apply_concepts(clip, [learned.concept], NODE)
         return io.NodeOutput(learned.concept, applied, {"loss": learned.result.losses},
@@ -228,7 +238,8 @@ class TrainingOptionsNode(io.ComfyNode):
                 io.Int.Input("gradient_accumulation", default=1, min=1, max=64, tooltip="Forward passes per "
                              "optimizer step: a larger effective batch in the same memory. 1 turns it off."),
                 io.Combo.Input("flip", options=["method default", "on", "off"], default="method default",
-                               tooltip="Horizontal flips of the images (p = 0.5). The method default: on for TI."),
+                               tooltip="Horizontal flips of the images (p = 0.5). The method default: on for TI, off "
+                               "for DTI."),
                 io.Boolean.Input("scale_learning_rate", default=True, tooltip="Multiply the learning rate by batch "
                                  "size × accumulation, as the papers do. Off uses it as given."),
             ],

@@ -80,31 +80,95 @@ class Graph:
                 "version": 0.4}
 
 
-def learn_concept_ti(g: Graph) -> None:
-    g.note("## Learn a concept with Textual Inversion\n\n1. Pick your SD 1.5, SD 2.x or SDXL checkpoint.\n"
-           "2. Load 3–5 photos of your subject (add Image Batch nodes for more).\n"
-           "3. Set **name** and an **init_word** close to the subject.\n4. Queue. The loss shows on Learn Concept; "
-           "Cancel stops it.\n\nThe prompt uses `embedding:my_dog`. Save Concept writes "
-           "`models/embeddings/my_dog.safetensors`, usable in any workflow.", (20, 20))
-    ckpt = g.node("CheckpointLoaderSimple", (20, 310), ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
-    images = [g.node("LoadImage", (450 + 340 * (i % 2), 20 + 350 * (i // 2)), image=f"my_dog_{i + 1}.png")
-              for i in range(4)]
-    first = g.node("ImageBatch", (1130, 40), image1=(images[0], 0), image2=(images[1], 0))
-    second = g.node("ImageBatch", (1130, 190), image1=(images[2], 0), image2=(images[3], 0))
-    batch = g.node("ImageBatch", (1130, 340), image1=(first, 0), image2=(second, 0))
-    learn = g.node("ConceptForgeLearnConcept", (1480, 40), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2),
-                   images=(batch, 0), name="my_dog", init_word="dog", method="ti", steps=400)
-    g.node("ConceptForgeSaveConcept", (1480, 720), concept=(learn, 0))
-    positive = g.node("CLIPTextEncode", (1880, 40), clip=(learn, 1), text="a photo of embedding:my_dog on the beach")
-    negative = g.node("CLIPTextEncode", (1880, 240), clip=(learn, 1), text="blurry, low quality")
-    latent = g.node("EmptyLatentImage", (1880, 440), width=512, height=512, batch_size=1)
-    sampled = g.node("KSampler", (2320, 40), model=(ckpt, 0), positive=(positive, 0), negative=(negative, 0),
+def image_batch(g: Graph, names: list[str], x: int, y: int) -> int:
+    """Load Image nodes for `names`, two per row, joined into one batch by a column of Image Batch nodes."""
+    loaded = [g.node("LoadImage", (x + 340 * (i % 2), y + 350 * (i // 2)), image=name) for i, name in enumerate(names)]
+    row = 0
+    while len(loaded) > 1:
+        merged = []
+        for i in range(0, len(loaded) - 1, 2):
+            merged.append(g.node("ImageBatch", (x + 680, y + 20 + 150 * row), image1=(loaded[i], 0),
+                                 image2=(loaded[i + 1], 0)))
+            row += 1
+        loaded = merged + loaded[len(loaded) - len(loaded) % 2:]
+    return loaded[0]
+
+
+def generate(g: Graph, ckpt: int, clip: tuple[int, int], text: str, x: int, y: int, prefix: str) -> None:
+    """Text → image with the stock nodes: two prompts, an empty latent, KSampler, decode and save."""
+    positive = g.node("CLIPTextEncode", (x, y), clip=clip, text=text)
+    negative = g.node("CLIPTextEncode", (x, y + 200), clip=clip, text="blurry, low quality")
+    latent = g.node("EmptyLatentImage", (x, y + 400), width=512, height=512, batch_size=1)
+    sampled = g.node("KSampler", (x + 440, y), model=(ckpt, 0), positive=(positive, 0), negative=(negative, 0),
                      latent_image=(latent, 0), seed=42, steps=25, cfg=7.0, scheduler="normal")
-    decoded = g.node("VAEDecode", (2680, 40), samples=(sampled, 0), vae=(ckpt, 2))
-    g.node("SaveImage", (2680, 160), images=(decoded, 0), filename_prefix="concept_forge/my_dog")
+    decoded = g.node("VAEDecode", (x + 800, y), samples=(sampled, 0), vae=(ckpt, 2))
+    g.node("SaveImage", (x + 800, y + 120), images=(decoded, 0), filename_prefix=prefix)
 
 
-WORKFLOWS = {"learn_concept_ti": learn_concept_ti}
+def learn_and_generate(g: Graph, method: str, name: str, note: str, options: str | None = None) -> None:
+    g.note(note, (20, 20))
+    ckpt = g.node("CheckpointLoaderSimple", (20, 310), ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
+    batch = image_batch(g, [f"my_dog_{i}.png" for i in range(1, 5)], 450, 20)
+    extra = {}
+    if options:
+        extra["method_options"] = (g.node(options, (1130, 560)), 0)
+    learn = g.node("ConceptForgeLearnConcept", (1480, 40), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2),
+                   images=(batch, 0), name=name, init_word="dog", method=method, steps=400, **extra)
+    g.node("ConceptForgeSaveConcept", (1480, 720), concept=(learn, 0))
+    generate(g, ckpt, (learn, 1), f"a photo of embedding:{name} on the beach", 1880, 40, f"concept_forge/{name}")
+
+
+def learn_concept_ti(g: Graph) -> None:
+    learn_and_generate(g, "ti", "my_dog", "## Learn a concept with Textual Inversion\n\n1. Pick your SD 1.5, SD 2.x or SDXL "
+                       "checkpoint.\n2. Load 3–5 photos of your subject (add Image Batch nodes for more).\n3. Set "
+                       "**name** and an **init_word** close to the subject.\n4. Queue. The loss shows on Learn "
+                       "Concept; Cancel stops it.\n\nThe prompt uses `embedding:my_dog`. Save Concept writes "
+                       "`models/embeddings/my_dog.safetensors`, usable in any workflow.")
+
+
+def learn_concept_dti(g: Graph) -> None:
+    learn_and_generate(g, "dti", "my_dog_dti", "## Directional Textual Inversion\n\nDTI keeps every learned vector at the "
+                       "length of the model's own words and learns only its direction, so the concept does not "
+                       "drown the rest of the prompt. 400 steps at batch 4 is the paper's recipe.\n\n"
+                       "DTI Options sets the prior strength κ and the length m*. Save Concept writes a stock "
+                       "embedding (`embedding:my_dog_dti`); Apply DTI Token can also put any older embedding on the same "
+                       "length.",
+                       options="ConceptForgeDTIOptions")
+
+
+def concept_slerp(g: Graph) -> None:
+    g.note("## Blend two concepts\n\nTwo DTI concepts are learned, then Concept Slerp turns one into the other "
+           "along the sphere: t = 0, 0.25, 0.5, 0.75 and 1 give the row of images, all with the same seed.\n\n"
+           "Load Concept works as input too: any two concepts of one checkpoint type with the same number of "
+           "vectors.", (20, 20))
+    ckpt = g.node("CheckpointLoaderSimple", (20, 310), ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
+    concepts = []
+    for row, (name, word) in enumerate((("my_dog", "dog"), ("my_cat", "cat"))):
+        y = 20 + 760 * row
+        batch = image_batch(g, [f"{name}_{i}.png" for i in (1, 2)], 450, y)
+        concepts.append(g.node("ConceptForgeLearnConcept", (1480, y), model=(ckpt, 0), clip=(ckpt, 1),
+                               vae=(ckpt, 2), images=(batch, 0), name=name, init_word=word, method="dti", steps=400))
+    negative = g.node("CLIPTextEncode", (1880, 1560), clip=(ckpt, 1), text="blurry, low quality")
+    latent = g.node("EmptyLatentImage", (1880, 1760), width=512, height=512, batch_size=1)
+    images = []
+    for i, t in enumerate((0.0, 0.25, 0.5, 0.75, 1.0)):
+        y = 20 + 300 * i
+        name = f"blend_{int(t * 100)}"
+        blend = g.node("ConceptForgeConceptSlerp", (1880, y), concept_a=(concepts[0], 0), concept_b=(concepts[1], 0),
+                       t=t, name=name)
+        clip = g.node("ConceptForgeApplyDTIToken", (2240, y), clip=(ckpt, 1), concept=(blend, 0))
+        positive = g.node("CLIPTextEncode", (2600, y), clip=(clip, 0), text=f"a photo of embedding:{name}")
+        sampled = g.node("KSampler", (3040, y), model=(ckpt, 0), positive=(positive, 0), negative=(negative, 0),
+                         latent_image=(latent, 0), seed=42, steps=25, cfg=7.0, scheduler="normal")
+        images.append(g.node("VAEDecode", (3400, y), samples=(sampled, 0), vae=(ckpt, 2)))
+    row = images[0]
+    for i, image in enumerate(images[1:]):
+        row = g.node("ImageBatch", (3740, 20 + 150 * i), image1=(row, 0), image2=(image, 0))
+    g.node("SaveImage", (4080, 20), images=(row, 0), filename_prefix="concept_forge/slerp_row")
+
+
+WORKFLOWS = {"learn_concept_ti": learn_concept_ti, "learn_concept_dti": learn_concept_dti,
+             "concept_slerp": concept_slerp}
 
 
 def thumbnail(workflow: dict[str, Any], path: Path) -> None:

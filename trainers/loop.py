@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .host import Host
-from .methods import Method
+from .methods.base import Method
 
 StepCallback = Callable[[int, int, float], None]  # (step, total steps, loss); raising from it cancels training
 

@@ -1,86 +1,42 @@
-"""The methods. Each is a parameterization plus an optimizer rule; none of them loops (see `trainers.loop`)."""
+"""The methods. Each is a parameterization plus an optimizer rule; none of them loops (see `trainers.loop`).
+
+A method module exposes `Options` (a frozen dataclass with the paper's defaults, including `learning_rate`,
+`steps` and `flip_p`) and `build(host, init_word, num_vectors, options) -> Method`.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from types import ModuleType
+from typing import Any
 
-import torch
-from torch import Tensor
-
-from ..concept import Arch, Concept
 from ..concept import Method as MethodName
 from ..host import Host
+from . import dti, ti
+from .base import Method, init_vectors
+
+__all__ = ["Method", "MODULES", "create_method", "init_vectors", "method_options"]
+
+MODULES: dict[str, ModuleType] = {"ti": ti, "dti": dti}
 
 
-class Method(Protocol):
-    """What the shared loop needs from a method."""
-
-    name: MethodName
-
-    def vectors(self) -> dict[str, Tensor]:
-        """What each text encoder sees in the concept's slot: `{key: [n, d]}`, differentiable."""
-
-    def parameters(self) -> list[Tensor]:
-        """The trainable tensors; nothing else receives a gradient."""
-
-    def regularizer(self) -> Tensor | None:
-        """An extra loss term, or None."""
-
-    def optimizer(self, learning_rate: float) -> torch.optim.Optimizer:
-        """The method's update rule at the effective (already scaled) learning rate."""
-
-    def to_concept(self, name: str, arch: Arch, provenance: Mapping[str, Any]) -> Concept:
-        """The learned concept, tensors on the CPU."""
+def _module(name: str) -> ModuleType:
+    if name not in MODULES:
+        raise ValueError(f"method {name!r} is not available; choose one of {', '.join(MODULES)}.")
+    return MODULES[name]
 
 
-def init_vectors(host: Host, init_word: str, num_vectors: int = 0) -> dict[str, Tensor]:
-    """Initial token vectors from the init word's vocabulary rows, per text encoder.
-
-    A word that tokenises into k tokens gives k vectors, each from its token (METHODS.md §3a); `num_vectors`
-    > k repeats them in order. The raw token rows are used, not the position-shifted embeddings (§2b quirk).
-
-    Args:
-        host (`Host`): the model.
-        init_word (`str`): a word or short phrase close to the concept ("dog", "teddy bear").
-        num_vectors (`int`, defaults to 0): vectors per encoder; 0 means one per token of `init_word`.
-    """
-    word = init_word.strip()
-    if not word:
-        raise ValueError("init_word is empty; give a word close to the concept, such as 'dog' or 'painting'.")
-    out = {}
-    for key in host.encoders:
-        ids = host.token_ids(key, word)
-        if not ids:
-            raise ValueError(f"init_word {word!r} produces no tokens; use an ordinary word.")
-        if num_vectors and num_vectors < len(ids):
-            raise ValueError(f"init_word {word!r} splits into {len(ids)} tokens but only {num_vectors} vectors "
-                             f"were asked for; set vectors to 0 (one per token) or at least {len(ids)}.")
-        n = num_vectors or len(ids)
-        rows = torch.tensor([ids[i % len(ids)] for i in range(n)])
-        table = host.vocabulary(key)
-        out[key] = table[rows.to(table.device)].to(host.device, torch.float32)  # [n, d]
-    return out
-
-
-def method_options(name: MethodName, overrides: Any = None) -> Any:
-    """The method's options dataclass: its paper defaults, or `overrides` when they are of the right type."""
-    from .ti import TIOptions
-
-    classes = {"ti": TIOptions}
-    if name not in classes:
-        raise ValueError(f"method {name!r} is not available; choose one of {sorted(classes)}.")
-    if overrides is not None:
-        if not isinstance(overrides, classes[name]):
-            raise ValueError(f"options for {type(overrides).__name__.removesuffix('Options')} were given to "
-                             f"method {name!r}.")
-        return overrides
-    return classes[name]()
+def method_options(name: str, overrides: Any = None) -> Any:
+    """The method's options: its paper defaults, or `overrides` when they belong to this method."""
+    options_class = _module(name).Options
+    if overrides is None:
+        return options_class()
+    if not isinstance(overrides, options_class):
+        given = next((n.upper() for n, m in MODULES.items() if isinstance(overrides, m.Options)), "unknown")
+        raise ValueError(f"method_options are {given} options but the method is {name!r}; connect the options "
+                         f"node of {name!r} or change the method.")
+    return overrides
 
 
 def create_method(name: MethodName, host: Host, init_word: str, num_vectors: int, options: Any) -> Method:
     """Build the method `name` on `host`, initialised from `init_word`."""
-    from .ti import TextualInversion
-
-    if name == "ti":
-        return TextualInversion(init_vectors(host, init_word, num_vectors), options)
-    raise ValueError(f"method {name!r} is not available.")
+    return _module(name).build(host, init_word, num_vectors, options)  # type: ignore[no-any-return]

@@ -13,10 +13,12 @@ import torch
 from torch import Tensor
 
 from ..concept import Arch, Concept, Method, cpu_float
+from ..host import Host
+from .base import init_vectors
 
 
 @dataclass(frozen=True)
-class TIOptions:
+class Options:
     learning_rate: float = 5e-3  # per sample; the loop scales it by batch × accumulation (official TI, §2b/e)
     steps: int = 3000            # the diffusers README for SD; the paper trained 5000
     weight_decay: float = 1e-2   # AdamW's, in official TI and diffusers
@@ -26,7 +28,7 @@ class TIOptions:
 class TextualInversion:
     name: Method = "ti"
 
-    def __init__(self, init: Mapping[str, Tensor], options: TIOptions = TIOptions()):
+    def __init__(self, init: Mapping[str, Tensor], options: Options = Options()):
         self.options = options
         self._vectors = {k: torch.nn.Parameter(v.detach().float().clone()) for k, v in init.items()}
 
@@ -45,3 +47,7 @@ class TextualInversion:
     def to_concept(self, name: str, arch: Arch, provenance: Mapping[str, Any]) -> Concept:
         return Concept(name=name, method="ti", arch=arch, vectors={k: cpu_float(v) for k, v in self._vectors.items()},
                        provenance=dict(provenance))
+
+
+def build(host: Host, init_word: str, num_vectors: int, options: Options) -> TextualInversion:
+    return TextualInversion(init_vectors(host, init_word, num_vectors), options)

@@ -1,0 +1,62 @@
+"""What every method shares: the interface the loop uses and initialisation from the init word."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol
+
+import torch
+from torch import Tensor
+
+from ..concept import Arch, Concept
+from ..concept import Method as MethodName
+from ..host import Host
+
+
+class Method(Protocol):
+    """What the shared loop needs from a method."""
+
+    name: MethodName
+
+    def vectors(self) -> dict[str, Tensor]:
+        """What each text encoder sees in the concept's slot: `{key: [n, d]}`, differentiable."""
+
+    def parameters(self) -> list[Tensor]:
+        """The trainable tensors; nothing else receives a gradient."""
+
+    def regularizer(self) -> Tensor | None:
+        """An extra loss term, or None."""
+
+    def optimizer(self, learning_rate: float) -> torch.optim.Optimizer:
+        """The method's update rule at the effective (already scaled) learning rate."""
+
+    def to_concept(self, name: str, arch: Arch, provenance: Mapping[str, Any]) -> Concept:
+        """The learned concept, tensors on the CPU."""
+
+
+def init_vectors(host: Host, init_word: str, num_vectors: int = 0) -> dict[str, Tensor]:
+    """Initial token vectors from the init word's vocabulary rows, per text encoder.
+
+    A word that tokenises into k tokens gives k vectors, each from its token (METHODS.md §3a); `num_vectors`
+    > k repeats them in order. The raw token rows are used, not the position-shifted embeddings (§2b quirk).
+
+    Args:
+        host (`Host`): the model.
+        init_word (`str`): a word or short phrase close to the concept ("dog", "teddy bear").
+        num_vectors (`int`, defaults to 0): vectors per encoder; 0 means one per token of `init_word`.
+    """
+    word = init_word.strip()
+    if not word:
+        raise ValueError("init_word is empty; give a word close to the concept, such as 'dog' or 'painting'.")
+    out = {}
+    for key in host.encoders:
+        ids = host.token_ids(key, word)
+        if not ids:
+            raise ValueError(f"init_word {word!r} produces no tokens; use an ordinary word.")
+        if num_vectors and num_vectors < len(ids):
+            raise ValueError(f"init_word {word!r} splits into {len(ids)} tokens but only {num_vectors} vectors "
+                             f"were asked for; set vectors to 0 (one per token) or at least {len(ids)}.")
+        n = num_vectors or len(ids)
+        rows = torch.tensor([ids[i % len(ids)] for i in range(n)])
+        table = host.vocabulary(key)
+        out[key] = table[rows.to(table.device)].to(host.device, torch.float32)  # [n, d]
+    return out
