@@ -118,22 +118,31 @@ def learn_and_generate(g: Graph, method: str, name: str, note: str, options: str
     generate(g, ckpt, (learn, 1), f"a photo of embedding:{name} on the beach", 1880, 40, f"concept_forge/{name}")
 
 
+TI_NOTE = """## Learn a concept with Textual Inversion
+
+1. Pick your SD 1.5, SD 2.x or SDXL checkpoint.
+2. Load 3–5 photos of your subject (add Image Batch nodes for more).
+3. Set **name** and an **init_word** close to the subject.
+4. Queue. The loss shows on Learn Concept; Cancel stops it.
+
+The prompt uses `embedding:my_dog`. Save Concept writes `models/embeddings/my_dog.safetensors`, usable in any
+workflow."""
+
+DTI_NOTE = """## Directional Textual Inversion
+
+DTI keeps every learned vector at the length of the model's own words and learns only its direction, so the
+concept does not drown the rest of the prompt. 400 steps at batch 4 is the paper's recipe.
+
+DTI Options sets the prior strength κ and the length m*. Save Concept writes a stock embedding
+(`embedding:my_dog_dti`); Apply DTI Token can also put any older embedding on the same length."""
+
+
 def learn_concept_ti(g: Graph) -> None:
-    learn_and_generate(g, "ti", "my_dog", "## Learn a concept with Textual Inversion\n\n1. Pick your SD 1.5, SD 2.x or SDXL "
-                       "checkpoint.\n2. Load 3–5 photos of your subject (add Image Batch nodes for more).\n3. Set "
-                       "**name** and an **init_word** close to the subject.\n4. Queue. The loss shows on Learn "
-                       "Concept; Cancel stops it.\n\nThe prompt uses `embedding:my_dog`. Save Concept writes "
-                       "`models/embeddings/my_dog.safetensors`, usable in any workflow.")
+    learn_and_generate(g, "ti", "my_dog", TI_NOTE)
 
 
 def learn_concept_dti(g: Graph) -> None:
-    learn_and_generate(g, "dti", "my_dog_dti", "## Directional Textual Inversion\n\nDTI keeps every learned vector at the "
-                       "length of the model's own words and learns only its direction, so the concept does not "
-                       "drown the rest of the prompt. 400 steps at batch 4 is the paper's recipe.\n\n"
-                       "DTI Options sets the prior strength κ and the length m*. Save Concept writes a stock "
-                       "embedding (`embedding:my_dog_dti`); Apply DTI Token can also put any older embedding on the same "
-                       "length.",
-                       options="ConceptForgeDTIOptions")
+    learn_and_generate(g, "dti", "my_dog_dti", DTI_NOTE, options="ConceptForgeDTIOptions")
 
 
 def concept_slerp(g: Graph) -> None:

@@ -76,13 +76,13 @@ class SphericalSGD(torch.optim.Optimizer):
                 state = self.state[p]
                 state["step"] = state.get("step", 0) + 1
                 if group["sphere"]:
-                    self._sphere_step(p, group, group["mu"][i], state)
+                    self._sphere_step(p, p.grad, group, group["mu"][i], state)
                 else:
-                    self._adam_step(p, group, state)
+                    self._adam_step(p, p.grad, group, state)
 
     @staticmethod
-    def _sphere_step(p: Tensor, group: dict[str, Any], mu: Tensor, state: dict[str, Any]) -> None:
-        g_t = tangent_direction(p, p.grad, mu, group["kappa"])                           # [n, d]
+    def _sphere_step(p: Tensor, grad: Tensor, group: dict[str, Any], mu: Tensor, state: dict[str, Any]) -> None:
+        g_t = tangent_direction(p, grad, mu, group["kappa"])                           # [n, d]
         h = (g_t * g_t).sum(-1, keepdim=True)                                             # [n, 1]
         beta, t = group["beta"], state["step"]
         state["ema"] = beta * state.get("ema", torch.zeros_like(h)) + (1 - beta) * h
@@ -91,11 +91,11 @@ class SphericalSGD(torch.optim.Optimizer):
         p.div_(p.norm(dim=-1, keepdim=True))                                              # retraction
 
     @staticmethod
-    def _adam_step(p: Tensor, group: dict[str, Any], state: dict[str, Any], b1: float = 0.9,
+    def _adam_step(p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any], b1: float = 0.9,
                    b2: float = 0.999) -> None:
         t = state["step"]
-        state["m"] = b1 * state.get("m", torch.zeros_like(p)) + (1 - b1) * p.grad
-        state["v"] = b2 * state.get("v", torch.zeros_like(p)) + (1 - b2) * p.grad ** 2
+        state["m"] = b1 * state.get("m", torch.zeros_like(p)) + (1 - b1) * grad
+        state["v"] = b2 * state.get("v", torch.zeros_like(p)) + (1 - b2) * grad ** 2
         p.sub_(group["lr"] * (state["m"] / (1 - b1 ** t)) / ((state["v"] / (1 - b2 ** t)).sqrt() + group["eps"]))
 
 
@@ -119,8 +119,8 @@ class DirectionalTextualInversion:
         return {k: self.log_magnitudes[k].exp() * v for k, v in self.directions.items()}
 
     def parameters(self) -> list[Tensor]:
-        extra = list(self.log_magnitudes.values()) if self.options.train_magnitude else []
-        return list(self.directions.values()) + extra
+        params: list[Tensor] = [*self.directions.values()]
+        return params + [*self.log_magnitudes.values()] if self.options.train_magnitude else params
 
     def regularizer(self) -> Tensor | None:
         return None  # the vMF prior acts in the optimizer step, as upstream

@@ -97,7 +97,8 @@ def test_in_distribution_puts_any_embedding_on_the_clips_vocabulary_norm(arch):
 
 
 def test_apply_refuses_other_architectures_and_catversion_concepts():
-    with pytest.raises(ValueError, match="Apply DTI Token: concept 'shrek' was learned on SDXL but this CLIP is SD 1.x"):
+    mismatch = "Apply DTI Token: concept 'shrek' was learned on SDXL but this CLIP is SD 1.x"
+    with pytest.raises(ValueError, match=mismatch):
         run_node(ApplyDTIToken, clip=tc.tiny_clip("sd1"), concept=ti_concept("sdxl"), strength=1.0, magnitude="keep")
     cv = Concept("cv", "catversion", "sd1", {}, tensors={"x": torch.ones(1)})
     with pytest.raises(ValueError, match="use CatVersion Residual"):

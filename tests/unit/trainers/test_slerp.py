@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from concept_forge.trainers.concept import Concept
 from concept_forge.trainers.slerp import slerp_concepts, slerp_directions
 

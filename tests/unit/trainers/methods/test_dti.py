@@ -3,13 +3,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_host import TinyHost, tiny_images
-
 from concept_forge.trainers.files import read_concept, save_concept
 from concept_forge.trainers.loop import LoopOptions, TrainingSet, train
 from concept_forge.trainers.methods import create_method
-from concept_forge.trainers.methods.dti import (Options, SphericalSGD, tangent_direction, vocabulary_magnitude)
+from concept_forge.trainers.methods.dti import Options, SphericalSGD, tangent_direction, vocabulary_magnitude
 from concept_forge.trainers.templates import OBJECT_TEMPLATES
+from tiny_host import TinyHost, tiny_images
 
 
 def unit(rows, d, seed):
