@@ -68,6 +68,7 @@ class Learned:
     result: TrainResult
     learning_rate: float
     resolution: int
+    report: list[str]
 
 
 def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor, mask: torch.Tensor | None, settings: LearnSettings,
@@ -117,7 +118,7 @@ def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor, mask: torch.Ten
                                    "bf16.") from e
     final = {**record, "final_loss": result.losses[-1], "heldout_loss_before": result.heldout_before,
              "heldout_loss_after": result.heldout_after}
-    return Learned(method.to_concept(s.name, arch, final), result, lr, resolution)
+    return Learned(method.to_concept(s.name, arch, final), result, lr, resolution, method.report())
 
 
 def summary(learned: Learned) -> str:
@@ -130,9 +131,7 @@ def summary(learned: Learned) -> str:
     if r.heldout_before is not None and r.heldout_after is not None:
         change = 100 * (r.heldout_after - r.heldout_before) / r.heldout_before
         lines.append(f"Held-out loss {r.heldout_before:.4f} → {r.heldout_after:.4f} ({change:+.1f}%).")
-    if "magnitude" in c.state:
-        shells = ", ".join(f"{m:.3f} (clip_{k})" for k, m in c.state["magnitude"].items())
-        lines.append(f"Vector length held at the vocabulary's norm m* = {shells}.")
+    lines += learned.report
     lines.append(f"Prompt it as embedding:{c.name} through the CLIP output; Save Concept keeps it.")
     return "\n".join(lines)
 

@@ -32,6 +32,9 @@ class Method(Protocol):
     def to_concept(self, name: str, arch: Arch, provenance: Mapping[str, Any]) -> Concept:
         """The learned concept, tensors on the CPU."""
 
+    def report(self) -> list[str]:
+        """Lines about the method's own state for the summary on Learn Concept (m*, rank(B), ...)."""
+
 
 def init_vectors(host: Host, init_word: str, num_vectors: int = 0) -> dict[str, Tensor]:
     """Initial token vectors from the init word's vocabulary rows, per text encoder.

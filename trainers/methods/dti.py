@@ -132,6 +132,10 @@ class DirectionalTextualInversion:
             groups.append({"params": list(self.log_magnitudes.values()), "sphere": False})
         return SphericalSGD(groups, lr=learning_rate, kappa=o.kappa, beta=o.beta)
 
+    def report(self) -> list[str]:
+        shells = ", ".join(f"{m:.3f} (clip_{k})" for k, m in self.magnitudes().items())
+        return [f"Vector length held at the vocabulary's norm m* = {shells}."]
+
     def to_concept(self, name: str, arch: Arch, provenance: Mapping[str, Any]) -> Concept:
         o = self.options
         state = {"magnitude": self.magnitudes(), "magnitude_mode": o.magnitude, "kappa": o.kappa, "beta": o.beta,

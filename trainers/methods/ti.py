@@ -44,6 +44,11 @@ class TextualInversion:
     def optimizer(self, learning_rate: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=learning_rate, weight_decay=self.options.weight_decay)
 
+    def report(self) -> list[str]:
+        norms = ", ".join(f"{float(n):.3f} (clip_{k})" for k, v in self._vectors.items()
+                          for n in v.detach().norm(dim=-1))
+        return [f"Vector norms: {norms}."]
+
     def to_concept(self, name: str, arch: Arch, provenance: Mapping[str, Any]) -> Concept:
         return Concept(name=name, method="ti", arch=arch, vectors={k: cpu_float(v) for k, v in self._vectors.items()},
                        provenance=dict(provenance))
