@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..trainers.concept import ARCH_LABELS, Arch
 from ..trainers.host import TextEncoder
+from .residual_attention import ResidualAttention, ResidualEntry
 
 CLIP_ARCHS: dict[str, Arch] = {"SD1ClipModel": "sd1", "SD2ClipModel": "sd2", "SDXLClipModel": "sdxl"}
 MODEL_ARCHS: dict[str, Arch] = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
@@ -40,6 +41,20 @@ def clip_arch(clip: Any) -> Arch | None:
 
 def model_arch(model: Any) -> Arch | None:
     return MODEL_ARCHS.get(type(model.model.model_config).__name__)
+
+
+def conditioning_layers(clip: Any) -> dict[str, int]:
+    """Per text encoder, the 0-based layer whose output conditions the UNet: the model's default (last, or
+    penultimate for SD 2.x/SDXL), or CLIP Set Last Layer's choice — as CLIP.encode_from_tokens sets it."""
+    model = clip.cond_stage_model
+    model.reset_clip_options()
+    if clip.layer_idx is not None:
+        model.set_clip_options({"layer": clip.layer_idx})
+    layers = {}
+    for key in ENCODER_KEYS[clip_arch(clip)]:  # type: ignore[index]
+        sub = getattr(model, f"clip_{key}")
+        layers[key] = sub.num_layers - 1 if sub.layer == "last" else sub.layer_idx % sub.num_layers
+    return layers
 
 
 def describe_clip(clip: Any) -> str:
@@ -218,21 +233,12 @@ class ComfyHost:
                 self.model.add_object_patch(name, _checkpointed(self.model.get_model_object(name)))
 
     def _text_encoders(self) -> dict[str, TextEncoder]:
-        self._set_clip_layer()
         encoders = {}
-        for key in ENCODER_KEYS[self.arch]:
+        for key, layer in conditioning_layers(self.clip).items():
             sub = self._sub(key)
-            n = sub.num_layers
-            layer = n - 1 if sub.layer == "last" else (sub.layer_idx % n)
             width = sub.transformer.get_input_embeddings().weight.shape[1]
-            encoders[key] = TextEncoder(key, width, n, layer)  # type: ignore[arg-type]
+            encoders[key] = TextEncoder(key, width, sub.num_layers, layer)  # type: ignore[arg-type]
         return encoders
-
-    def _set_clip_layer(self) -> None:
-        """As CLIP.encode_from_tokens does: the model's default layer, then CLIP Set Last Layer's choice."""
-        self.clip.cond_stage_model.reset_clip_options()
-        if self.clip.layer_idx is not None:
-            self.clip.cond_stage_model.set_clip_options({"layer": self.clip.layer_idx})
 
     def _ensure_loaded(self) -> None:
         if not self._loaded:
@@ -264,6 +270,16 @@ class ComfyHost:
     def vocabulary(self, key: str) -> Tensor:
         return self._sub(key).transformer.get_input_embeddings().weight
 
+    def patch_self_attention(self, residuals: Mapping[str, Mapping[int, tuple[Tensor, Tensor]]],
+                             mask_bias: float) -> None:
+        for key, layers in residuals.items():
+            for i, (keys, values) in layers.items():
+                attention = self._sub(key).transformer.text_model.encoder.layers[i].self_attn
+                entry = ResidualEntry(keys, values, mask_bias, None)
+                self.clip.patcher.add_object_patch(f"clip_{key}.transformer.text_model.encoder.layers.{i}.self_attn"
+                                                   ".forward", ResidualAttention(attention, [entry]))
+        self._loaded = False  # object patches are applied when the model loads
+
     def prepare_prompt(self, text: str, num_vectors: int = 0) -> dict[str, list[list[Any]]]:
         """Tokenise once with a marker in the `{}` slot; `encode` swaps the marker rows for the vectors."""
         markers = {k: torch.zeros(num_vectors, e.width) for k, e in self.encoders.items()}
@@ -283,7 +299,7 @@ class ComfyHost:
 
     def encode(self, prompts: Sequence[Mapping[str, list[list[Any]]]], vectors: Mapping[str, Tensor]) -> ComfyCond:
         self._ensure_loaded()
-        self._set_clip_layer()
+        conditioning_layers(self.clip)  # sets the layer options, as CLIP.encode_from_tokens does
         outputs = {}
         for key in self.encoders:
             chunks = [[vectors[key][item.row] if isinstance(item, _Slot) else item for item in chunk]

@@ -2,9 +2,9 @@
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
-from . import dti, files, learn
+from . import catversion, dti, files, learn
 
 
 class ConceptForgeExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*learn.NODES, *dti.NODES, *files.NODES]
+        return [*learn.NODES, *dti.NODES, *catversion.NODES, *files.NODES]

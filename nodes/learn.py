@@ -12,9 +12,10 @@ from ..trainers.concept import Arch, Concept, name_problem
 from ..trainers.data import prepare_images, prepare_masks
 from ..trainers.files import save_concept
 from ..trainers.loop import LoopOptions, NonFiniteLoss, TrainingSet, TrainResult, scaled_learning_rate, train
-from ..trainers.methods import MODULES, create_method, method_options
+from ..trainers.methods import MODULES, create_method, method_options, method_prompts
 from ..trainers.templates import training_prompts
 from .apply import apply_concepts
+from .catversion import residual_clip
 from .comfy_host import PRECISIONS, ComfyHost, detect_arch
 from .paths import display_path, recovery_path
 from .progress import NodeProgress
@@ -98,7 +99,8 @@ def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor, mask: torch.Ten
                 pixels = prepare_images(images.clone(), resolution)
                 masks = None if mask is None else prepare_masks(mask.clone(), len(pixels), resolution)
                 prompts, per_image = training_prompts(s.prompts, s.name, len(pixels), s.captions)  # type: ignore[arg-type]
-                method = create_method(s.method, host, s.init_word, s.vectors, options)  # type: ignore[arg-type]
+                prompts = method_prompts(s.method, prompts, per_image, s.init_word)
+                method = create_method(s.method, host, s.init_word, s.vectors, options, s.seed)  # type: ignore[arg-type]
             except ValueError as e:
                 raise ValueError(f"{NODE}: {e}") from e
             record = provenance(prompt, node_id, method=s.method, init_word=s.init_word.strip(), steps=steps,
@@ -157,12 +159,15 @@ class LearnConcept(io.ComfyNode):
                 io.Combo.Input("method", options=METHODS, default="ti", tooltip="ti: Textual Inversion, free token "
                                "vectors (Gal et al. 2022). dti: Directional TI, the length fixed at the vocabulary's "
                                "norm and only the direction learned (Kim et al. 2025); its recipe is the paper's "
-                               "SDXL one, used unchanged for SD 1.x/2.x at 512 px (not paper-verified)."),
+                               "SDXL one, used unchanged for SD 1.x/2.x at 512 px (not paper-verified). catversion: "
+                               "residual keys and values in the text encoder's last layers, prompted by the class "
+                               "word given as init_word (Zhao et al. 2023); SD 2.x and SDXL are experimental."),
                 io.Int.Input("steps", default=0, min=0, max=100000, tooltip="Optimizer steps. 0 uses the method's "
-                             "default: TI 3000, DTI 400."),
+                             "default: TI 3000, DTI 400, CatVersion 1000."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=0.0001, tooltip="Per-sample "
                                "learning rate, multiplied by batch size × accumulation as the papers do. 0 uses "
-                               "the method's default: TI 0.005, DTI 0.01 (a rotation step, 0.04 at batch 4)."),
+                               "the method's default: TI 0.005, DTI 0.01 (a rotation step, 0.04 at batch 4), "
+                               "CatVersion 0.005."),
                 io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Images per step. Lower it if you "
                              "run out of memory; the effective learning rate follows it."),
                 io.Int.Input("vectors", default=0, min=0, max=16, tooltip="Vectors per text encoder. 0 gives one "
@@ -220,7 +225,10 @@ class LearnConcept(io.ComfyNode):
                                  prompts, seed, precision, gradient_checkpointing, captions or "",
                                  training_options or TrainingOptions(), method_options)
         learned = learn(model, clip, vae, images, mask, settings, cls.hidden.unique_id, cls.hidden.prompt)
-        applied = apply_concepts(clip, [learned.concept], NODE)
+        if learned.concept.method == "catversion":
+            applied, _ = residual_clip(clip, learned.concept, 1.0, apply_to_negative=False)
+        else:
+            applied = apply_concepts(clip, [learned.concept], NODE)
         return io.NodeOutput(learned.concept, applied, {"loss": learned.result.losses},
                              ui=ui.PreviewText(summary(learned)))
 

@@ -145,6 +145,29 @@ def learn_concept_dti(g: Graph) -> None:
     learn_and_generate(g, "dti", "my_dog_dti", DTI_NOTE, options="ConceptForgeDTIOptions")
 
 
+CATVERSION_NOTE = """## CatVersion
+
+CatVersion learns residual keys and values in the last layers of the text encoder instead of a new word. Its
+prompt is the class word itself: write **init_word** as the class ("teddy bear"), and prompt with it
+("a teddy bear on the beach").
+
+CatVersion Residual applies a concept to any CLIP (chain two to combine concepts). Prompts that do not mention
+the class word — the negative prompt here — stay as they were. Save Concept writes `models/concepts/`."""
+
+
+def learn_concept_catversion(g: Graph) -> None:
+    g.note(CATVERSION_NOTE, (20, 20))
+    ckpt = g.node("CheckpointLoaderSimple", (20, 310), ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
+    batch = image_batch(g, [f"my_teddy_{i}.png" for i in range(1, 5)], 450, 20)
+    options = g.node("ConceptForgeCatVersionOptions", (1130, 560))
+    learn = g.node("ConceptForgeLearnConcept", (1480, 40), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2),
+                   images=(batch, 0), name="my_teddy", init_word="teddy bear", method="catversion", steps=1000,
+                   method_options=(options, 0))
+    g.node("ConceptForgeSaveConcept", (1480, 720), concept=(learn, 0))
+    patched = g.node("ConceptForgeCatVersionResidual", (1880, 620), clip=(ckpt, 1), concept=(learn, 0))
+    generate(g, ckpt, (patched, 0), "a photo of a teddy bear on the beach", 1880, 40, "concept_forge/my_teddy")
+
+
 def concept_slerp(g: Graph) -> None:
     g.note("## Blend two concepts\n\nTwo DTI concepts are learned, then Concept Slerp turns one into the other "
            "along the sphere: t = 0, 0.25, 0.5, 0.75 and 1 give the row of images, all with the same seed.\n\n"
@@ -177,7 +200,7 @@ def concept_slerp(g: Graph) -> None:
 
 
 WORKFLOWS = {"learn_concept_ti": learn_concept_ti, "learn_concept_dti": learn_concept_dti,
-             "concept_slerp": concept_slerp}
+             "learn_concept_catversion": learn_concept_catversion, "concept_slerp": concept_slerp}
 
 
 def thumbnail(workflow: dict[str, Any], path: Path) -> None:

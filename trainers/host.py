@@ -58,6 +58,12 @@ class Host(Protocol):
     def encode_images(self, images: Tensor) -> Tensor:
         """[N, H, W, 3] images in 0..1 → latents [N, C, h, w] in the diffusion model's scale."""
 
+    def patch_self_attention(self, residuals: Mapping[str, Mapping[int, tuple[Tensor, Tensor]]],
+                             mask_bias: float) -> None:
+        """From now on, layer i of encoder `key` concatenates `residuals[key][i]` = (keys [t, d], values [t, d])
+        to its self-attention's K and V (after the projections), every query seeing them with logit bias
+        `mask_bias`. The tensors are used as given, so gradients reach them (CatVersion, METHODS.md §5)."""
+
     def loss(self, latents: Tensor, cond: Any, noise: Tensor, timesteps: Tensor, mask: Tensor | None = None) -> Tensor:
         """Per-sample diffusion loss [B] at discrete `timesteps` with ε `noise` (ε- or v-target by model type).
 

@@ -26,21 +26,50 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[\w\-]+|\{\}", text.lower())
 
 
+class TinyLayer(nn.Module):
+    """A pre-norm causal transformer layer whose self-attention can take residual keys and values (CatVersion)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.q, self.k, self.v, self.out = (nn.Linear(width, width) for _ in range(4))
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.residual: tuple[Tensor, Tensor, float] | None = None
+
+    def attention(self, x: Tensor) -> Tensor:
+        b, length, width = x.shape
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        mask = torch.full((length, length), float("-inf")).triu(1)
+        if self.residual is not None:
+            keys, values, bias = self.residual
+            k = torch.cat([k, keys.expand(b, -1, -1)], 1)
+            v = torch.cat([v, values.expand(b, -1, -1)], 1)
+            mask = torch.cat([mask, torch.full((length, len(keys)), bias)], 1)
+
+        def split(t: Tensor) -> Tensor:
+            return t.view(b, -1, self.heads, width // self.heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+        return self.out(out.transpose(1, 2).reshape(b, length, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
 class TinyTextEncoder(nn.Module):
     def __init__(self, width: int, layers: int = 2, heads: int = 2):
         super().__init__()
         self.token_embedding = nn.Embedding(len(WORDS) + 3, width)  # + start, end, unknown
         self.position = nn.Parameter(torch.randn(MAX_LEN, width) * 0.02)
-        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0,
-                                                               batch_first=True, norm_first=True)
-                                    for _ in range(layers))
+        self.layers = nn.ModuleList(TinyLayer(width, heads) for _ in range(layers))
         self.final_norm = nn.LayerNorm(width)
 
     def forward(self, embeds: Tensor) -> Tensor:
         x = embeds + self.position
-        causal = torch.full((MAX_LEN, MAX_LEN), float("-inf")).triu(1)
         for layer in self.layers:
-            x = layer(x, src_mask=causal)
+            x = layer(x)
         return self.final_norm(x)
 
 
@@ -104,6 +133,12 @@ class TinyHost:
         return [SLOT if w == "{}" else self._id(w) for w in _words(text)]
 
     # -- model --------------------------------------------------------------------------------------------
+    def patch_self_attention(self, residuals: Mapping[str, Mapping[int, tuple[Tensor, Tensor]]],
+                             mask_bias: float) -> None:
+        for key, layers in residuals.items():
+            for i, (keys, values) in layers.items():
+                self.text[key].layers[i].residual = (keys, values, mask_bias)
+
     def encode(self, prompts: Sequence[list[Any]], vectors: Mapping[str, Tensor]) -> TinyCond:
         outs = []
         for key, encoder in self.text.items():

@@ -1,7 +1,8 @@
 """The methods. Each is a parameterization plus an optimizer rule; none of them loops (see `trainers.loop`).
 
 A method module exposes `Options` (a frozen dataclass with the paper's defaults, including `learning_rate`,
-`steps` and `flip_p`) and `build(host, init_word, num_vectors, options) -> Method`.
+`steps` and `flip_p`) and `build(host, init_word, num_vectors, options, seed) -> Method`; optionally
+`training_prompts(prompts, per_image, init_word)` when it trains on other prompts than the templates.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from typing import Any
 
 from ..concept import Method as MethodName
 from ..host import Host
-from . import dti, ti
+from . import catversion, dti, ti
 from .base import Method, init_vectors
 
-__all__ = ["Method", "MODULES", "create_method", "init_vectors", "method_options"]
+__all__ = ["Method", "MODULES", "create_method", "init_vectors", "method_options", "method_prompts"]
 
-MODULES: dict[str, ModuleType] = {"ti": ti, "dti": dti}
+MODULES: dict[str, ModuleType] = {"ti": ti, "dti": dti, "catversion": catversion}
 
 
 def _module(name: str) -> ModuleType:
@@ -37,6 +38,13 @@ def method_options(name: str, overrides: Any = None) -> Any:
     return overrides
 
 
-def create_method(name: MethodName, host: Host, init_word: str, num_vectors: int, options: Any) -> Method:
-    """Build the method `name` on `host`, initialised from `init_word`."""
-    return _module(name).build(host, init_word, num_vectors, options)  # type: ignore[no-any-return]
+def create_method(name: MethodName, host: Host, init_word: str, num_vectors: int, options: Any,
+                  seed: int = 0) -> Method:
+    """Build the method `name` on `host`, initialised from `init_word` (random initialisations use `seed`)."""
+    return _module(name).build(host, init_word, num_vectors, options, seed)  # type: ignore[no-any-return]
+
+
+def method_prompts(name: str, prompts: list[str], per_image: bool, init_word: str) -> list[str]:
+    """The prompts a method trains on: the templates or captions, unless the method has its own rule."""
+    rule = getattr(_module(name), "training_prompts", None)
+    return prompts if rule is None else list(rule(prompts, per_image, init_word.strip()))

@@ -145,6 +145,8 @@ class DirectionalTextualInversion:
                        vectors={k: cpu_float(v) for k, v in self.vectors().items()})
 
 
-def build(host: Host, init_word: str, num_vectors: int, options: Options) -> DirectionalTextualInversion:
+def build(host: Host, init_word: str, num_vectors: int, options: Options,
+          seed: int = 0) -> DirectionalTextualInversion:
+    """DTI starts from the init word's directions; nothing random, so `seed` is unused."""
     magnitudes = {key: vocabulary_magnitude(host.vocabulary(key), options.magnitude) for key in host.encoders}
     return DirectionalTextualInversion(init_vectors(host, init_word, num_vectors), magnitudes, options)

@@ -54,5 +54,6 @@ class TextualInversion:
                        provenance=dict(provenance))
 
 
-def build(host: Host, init_word: str, num_vectors: int, options: Options) -> TextualInversion:
+def build(host: Host, init_word: str, num_vectors: int, options: Options, seed: int = 0) -> TextualInversion:
+    """TI starts from the init word's rows; nothing random, so `seed` is unused."""
     return TextualInversion(init_vectors(host, init_word, num_vectors), options)
