@@ -10,6 +10,8 @@ WEB_DIRECTORY = "./web"
 async def comfy_entrypoint():  # noqa: ANN201 — the ComfyExtension type lives in ComfyUI
     from .nodes.extension import ConceptForgeExtension
     from .nodes.paths import register_model_folders
+    from .nodes.progress import register_routes
 
     register_model_folders()
+    register_routes()
     return ConceptForgeExtension()

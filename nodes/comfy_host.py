@@ -321,6 +321,31 @@ class ComfyHost:
         self._loaded = False  # the VAE may have pushed our models out of memory
         return self.model.model.process_latent_in(latents).to(self.device)
 
+    @torch.no_grad()
+    def sample(self, prompt: str, vectors: Mapping[str, Tensor], size: int, seed: int = 0, steps: int = 12,
+               cfg: float = 5.0) -> Tensor:
+        """A quick image of `prompt` ({} = the concept) with the current vectors and patches, for previews.
+
+        Returns an IMAGE [1, size, size, 3] in 0..1, sampled by ComfyUI's own KSampler (euler, 12 steps).
+        """
+        import comfy.sample
+
+        n = next(iter(vectors.values())).shape[0] if vectors else 0
+
+        def conditioning(text: str, vecs: Mapping[str, Tensor]) -> list[list[Any]]:
+            cond = self.encode([self.prepare_prompt(text, n if "{}" in text else 0)], vecs)
+            extra = {} if cond.pooled is None else {"pooled_output": cond.pooled, "width": size, "height": size}
+            return [[cond.cross_attn, extra]]
+
+        channels = self.model.model.latent_format.latent_channels
+        latent = torch.zeros(1, channels, size // 8, size // 8)
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+        samples = comfy.sample.sample(self.model, noise, steps, cfg, "euler", "normal", conditioning(prompt, vectors),
+                                      conditioning("", {}), latent, seed=seed, disable_pbar=True)
+        image = self.vae.decode(samples)
+        self._loaded = False  # sampling and decoding may have moved our models
+        return image[:1]
+
     def loss(self, latents: Tensor, cond: ComfyCond, noise: Tensor, timesteps: Tensor,
              mask: Tensor | None = None) -> Tensor:
         self._ensure_loaded()

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 DEMO_CHECKPOINT = "concept_forge_demo_sd15.safetensors"
 DEMO_IMAGES = tuple(f"concept_forge_demo_{i}.png" for i in range(1, 5))
+DEMO_EMBEDDING = "concept_forge_demo.safetensors"  # a random SD 1.5 embedding for Load Concept
 UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1], channel_mult=[1],
             transformer_depth=[1], transformer_depth_middle=1, transformer_depth_output=[1, 1], context_dim=768,
             use_spatial_transformer=True, use_linear_in_transformer=False, legacy=False, adm_in_channels=None,
@@ -65,6 +66,15 @@ def write_demo_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> Path:
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp))
     os.replace(tmp, path)
+    return path
+
+
+def write_demo_embedding(folder: str | os.PathLike[str], seed: int = 0) -> Path:
+    """A random two-vector SD 1.5 embedding in kohya's layout, as a downloaded one would be."""
+    path = Path(folder) / DEMO_EMBEDDING
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vectors = torch.randn(2, 768, generator=torch.Generator().manual_seed(seed)) * 0.5
+    save_file({"emb_params": vectors}, str(path))
     return path
 
 

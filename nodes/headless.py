@@ -73,10 +73,11 @@ def apply_overrides(prompt: dict[str, Any], overrides: dict[str, dict[str, Any]]
 
 def demo_overrides(prompt: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The --demo changes: the demo checkpoint and images, and settings small enough for a CPU."""
-    from .demo import DEMO_CHECKPOINT, DEMO_IMAGES
+    from .demo import DEMO_CHECKPOINT, DEMO_EMBEDDING, DEMO_IMAGES
 
     overrides = {kind: dict(values) for kind, values in DEMO_SETTINGS.items()}
     overrides["CheckpointLoaderSimple"] = {"ckpt_name": DEMO_CHECKPOINT}
+    overrides["ConceptForgeLoadConcept"] = {"file": f"embeddings/{DEMO_EMBEDDING}"}
     loaders = sorted((k for k, v in prompt.items() if v["class_type"] == "LoadImage"), key=int)
     for i, node_id in enumerate(loaders):
         overrides[node_id] = {"image": DEMO_IMAGES[i % len(DEMO_IMAGES)]}
@@ -177,9 +178,10 @@ def run(ns: argparse.Namespace) -> int:
 
     overrides = parse_overrides(ns.overrides)
     if ns.demo:
-        from .demo import DEMO_CHECKPOINT, write_demo_checkpoint, write_demo_images
+        from .demo import DEMO_CHECKPOINT, write_demo_checkpoint, write_demo_embedding, write_demo_images
 
         write_demo_checkpoint(Path(folder_paths.get_folder_paths("checkpoints")[0]) / DEMO_CHECKPOINT)
+        write_demo_embedding(folder_paths.get_folder_paths("embeddings")[0])
         write_demo_images(folder_paths.get_input_directory())
     classes = nodes.NODE_CLASS_MAPPINGS
     prompt = workflow if is_api_prompt(workflow) else workflow_to_prompt(

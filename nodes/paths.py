@@ -12,6 +12,7 @@ from ..trainers.concept import Concept
 from ..trainers.files import EXTENSIONS
 
 CONCEPTS = "concepts"
+STATE_FILE = "training_state.safetensors"  # a checkpoint's optimizer state: not a concept
 EMBEDDINGS = "embeddings"
 
 
@@ -35,6 +36,11 @@ def target_path(concept: Concept, name: str) -> Path:
     return Path(folder_paths.get_folder_paths(folder_for(concept))[0]) / f"{name}.safetensors"
 
 
+def checkpoint_dir(name: str) -> Path:
+    """Where Learn Concept keeps the checkpoints of the latest run of `name`."""
+    return Path(folder_paths.get_folder_paths(CONCEPTS)[0]) / "checkpoints" / name
+
+
 def recovery_path(name: str, step: int) -> Path:
     """Where a run that stopped on a NaN keeps its last finite concept."""
     return Path(folder_paths.get_folder_paths(CONCEPTS)[0]) / "recovered" / f"{name}-step{step}.safetensors"
@@ -46,7 +52,7 @@ def file_choices() -> list[str]:
     for folder in (EMBEDDINGS, CONCEPTS):
         if folder in folder_paths.folder_names_and_paths:
             names = folder_paths.get_filename_list(folder)
-            choices += [f"{folder}/{n}" for n in names if n.lower().endswith(EXTENSIONS)]
+            choices += [f"{folder}/{n}" for n in names if n.lower().endswith(EXTENSIONS) and not n.endswith(STATE_FILE)]
     return choices
 
 

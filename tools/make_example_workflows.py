@@ -32,7 +32,8 @@ class Graph:
                            "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [],
                            "properties": {}, "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
 
-    def node(self, kind: str, pos: tuple[int, int], title: str | None = None, **values: Any) -> int:
+    def node(self, kind: str, pos: tuple[int, int], title: str | None = None, size: tuple[int, int] | None = None,
+             **values: Any) -> int:
         from concept_forge.nodes.workflow_api import widgets
 
         cls = self.classes[kind]
@@ -66,9 +67,11 @@ class Graph:
         outputs = [{"name": str(n), "type": str(t), "links": [], "slot_index": i}
                    for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES, strict=True))]
         rows = len(inputs) + len(widget_values) + len(outputs)
-        width, height = SIZES.get(kind, (320, 0))
+        width, height = size or SIZES.get(kind, (320, 0))
+        # the pack's web extension adds a report line to its nodes, and a loss chart to Learn Concept
+        extra = 240 if kind == "ConceptForgeLearnConcept" else 40 if kind.startswith("ConceptForge") else 0
         self.nodes.append({"id": node_id, "type": kind, "pos": list(pos),
-                           "size": [width, height or 46 + 24 * rows], "flags": {}, "order": node_id,
+                           "size": [width, (height or 46 + 24 * rows) + extra], "flags": {}, "order": node_id,
                            "mode": 0, "inputs": inputs, "outputs": outputs,
                            "properties": {"Node name for S&R": kind}, "widgets_values": widget_values,
                            **({"title": title} if title else {})})
@@ -105,16 +108,19 @@ def generate(g: Graph, ckpt: int, clip: tuple[int, int], text: str, x: int, y: i
     g.node("SaveImage", (x + 800, y + 120), images=(decoded, 0), filename_prefix=prefix)
 
 
-def learn_and_generate(g: Graph, method: str, name: str, note: str, options: str | None = None) -> None:
+def learn_and_generate(g: Graph, method: str, name: str, note: str, options: str | None = None,
+                       training_options: bool = False) -> None:
     g.note(note, (20, 20))
     ckpt = g.node("CheckpointLoaderSimple", (20, 310), ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
     batch = image_batch(g, [f"my_dog_{i}.png" for i in range(1, 5)], 450, 20)
     extra = {}
     if options:
         extra["method_options"] = (g.node(options, (1130, 560)), 0)
+    if training_options:
+        extra["training_options"] = (g.node("ConceptForgeTrainingOptions", (1130, 560)), 0)
     learn = g.node("ConceptForgeLearnConcept", (1480, 40), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2),
                    images=(batch, 0), name=name, init_word="dog", method=method, steps=400, **extra)
-    g.node("ConceptForgeSaveConcept", (1480, 720), concept=(learn, 0))
+    g.node("ConceptForgeSaveConcept", (1480, 940), concept=(learn, 0))
     generate(g, ckpt, (learn, 1), f"a photo of embedding:{name} on the beach", 1880, 40, f"concept_forge/{name}")
 
 
@@ -138,7 +144,7 @@ DTI Options sets the prior strength κ and the length m*. Save Concept writes a 
 
 
 def learn_concept_ti(g: Graph) -> None:
-    learn_and_generate(g, "ti", "my_dog", TI_NOTE)
+    learn_and_generate(g, "ti", "my_dog", TI_NOTE, training_options=True)
 
 
 def learn_concept_dti(g: Graph) -> None:
@@ -163,9 +169,29 @@ def learn_concept_catversion(g: Graph) -> None:
     learn = g.node("ConceptForgeLearnConcept", (1480, 40), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2),
                    images=(batch, 0), name="my_teddy", init_word="teddy bear", method="catversion", steps=1000,
                    method_options=(options, 0))
-    g.node("ConceptForgeSaveConcept", (1480, 720), concept=(learn, 0))
-    patched = g.node("ConceptForgeCatVersionResidual", (1880, 620), clip=(ckpt, 1), concept=(learn, 0))
+    g.node("ConceptForgeSaveConcept", (1480, 940), concept=(learn, 0))
+    patched = g.node("ConceptForgeCatVersionResidual", (1880, 660), clip=(ckpt, 1), concept=(learn, 0))
     generate(g, ckpt, (patched, 0), "a photo of a teddy bear on the beach", 1880, 40, "concept_forge/my_teddy")
+
+
+TOOLS_NOTE = """## Use a concept you already have
+
+Load Concept reads any embedding — yours, A1111 `.pt`, kohya, diffusers, SDXL `clip_l`/`clip_g` — or a Concept
+Forge file. Concept Info tells what it is: method, norms against the checkpoint's vocabulary, nearest words, how
+it was made.
+
+Apply DTI Token makes `embedding:<name>` mean it on this CLIP. With magnitude *in-distribution*, an over-long TI
+embedding is put back at the length of the model's own words (the DTI paper's fix)."""
+
+
+def concept_tools(g: Graph) -> None:
+    g.note(TOOLS_NOTE, (20, 20))
+    ckpt = g.node("CheckpointLoaderSimple", (20, 310), ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
+    loaded = g.node("ConceptForgeLoadConcept", (450, 20), file="embeddings/my_dog.safetensors")
+    g.node("ConceptForgeConceptInfo", (450, 200), concept=(loaded, 0), clip=(ckpt, 1), size=(420, 300))
+    clip = g.node("ConceptForgeApplyDTIToken", (900, 20), clip=(ckpt, 1), concept=(loaded, 0),
+                  magnitude="in-distribution")
+    generate(g, ckpt, (clip, 0), "a photo of embedding:my_dog on the beach", 1260, 20, "concept_forge/my_dog_loaded")
 
 
 def concept_slerp(g: Graph) -> None:
@@ -176,7 +202,7 @@ def concept_slerp(g: Graph) -> None:
     ckpt = g.node("CheckpointLoaderSimple", (20, 310), ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
     concepts = []
     for row, (name, word) in enumerate((("my_dog", "dog"), ("my_cat", "cat"))):
-        y = 20 + 760 * row
+        y = 20 + 960 * row
         batch = image_batch(g, [f"{name}_{i}.png" for i in (1, 2)], 450, y)
         concepts.append(g.node("ConceptForgeLearnConcept", (1480, y), model=(ckpt, 0), clip=(ckpt, 1),
                                vae=(ckpt, 2), images=(batch, 0), name=name, init_word=word, method="dti", steps=400))
@@ -200,7 +226,8 @@ def concept_slerp(g: Graph) -> None:
 
 
 WORKFLOWS = {"learn_concept_ti": learn_concept_ti, "learn_concept_dti": learn_concept_dti,
-             "learn_concept_catversion": learn_concept_catversion, "concept_slerp": concept_slerp}
+             "learn_concept_catversion": learn_concept_catversion, "concept_slerp": concept_slerp,
+             "concept_tools": concept_tools}
 
 
 def thumbnail(workflow: dict[str, Any], path: Path) -> None:

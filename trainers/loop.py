@@ -7,6 +7,8 @@ A method contributes only its parameters, what the text encoders see, and its up
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -15,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checkpoint import TrainState, fingerprint_differences
 from .host import Host
 from .methods.base import Method
 
 StepCallback = Callable[[int, int, float], None]  # (step, total steps, loss); raising from it cancels training
+CheckpointCallback = Callable[[TrainState], None]
 
 
 def scaled_learning_rate(base: float, batch_size: int, grad_accum: int) -> float:
@@ -42,6 +46,8 @@ class LoopOptions:
         flip_p (`float`, defaults to 0.0): probability that a sample uses its horizontally flipped image.
         heldout_draws (`int`, defaults to 0): fixed (noise, timestep) pairs per image for the held-out loss
             reported before and after training; 0 skips it.
+        checkpoint_every (`int`, defaults to 0): hand a `TrainState` to the checkpoint callback every this many
+            steps and at the last one; 0 never does.
     """
 
     steps: int
@@ -51,6 +57,7 @@ class LoopOptions:
     seed: int = 0
     flip_p: float = 0.0
     heldout_draws: int = 0
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -91,6 +98,22 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean training loss per optimizer step
     heldout_before: float | None = None
     heldout_after: float | None = None
+
+
+class ResumeMismatch(ValueError):
+    """The checkpoint belongs to a run with other settings; continuing it would not give that run's result."""
+
+
+def run_fingerprint(method: Method, data: TrainingSet, options: LoopOptions) -> dict[str, Any]:
+    """What must be equal for a resumed run to continue exactly the run that was checkpointed."""
+    def digest(*parts: bytes) -> str:
+        return hashlib.sha256(b"".join(parts)).hexdigest()[:16]
+
+    masks = b"" if data.masks is None else data.masks.detach().cpu().numpy().tobytes()
+    return {"method": method.name, "seed": options.seed, "learning_rate": options.learning_rate,
+            "batch_size": options.batch_size, "grad_accum": options.grad_accum, "flip_p": options.flip_p,
+            "images": digest(data.images.detach().cpu().numpy().tobytes(), masks),
+            "prompts": digest("\n".join(data.prompts).encode(), bytes([data.per_image]))}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -186,7 +209,8 @@ class HeldOut:
 
 
 def train(method: Method, host: Host, data: TrainingSet, options: LoopOptions,
-          on_step: StepCallback | None = None) -> TrainResult:
+          on_step: StepCallback | None = None, on_checkpoint: CheckpointCallback | None = None,
+          resume: TrainState | None = None) -> TrainResult:
     """Train `method` on `data` through `host`.
 
     Args:
@@ -196,9 +220,14 @@ def train(method: Method, host: Host, data: TrainingSet, options: LoopOptions,
         options (`LoopOptions`): steps, learning rate, batching, seed.
         on_step (`StepCallback`, *optional*): called after every optimizer step; an exception raised by it
             (ComfyUI's Cancel) propagates, leaving the method at its last completed step.
+        on_checkpoint (`CheckpointCallback`, *optional*): receives the state every `options.checkpoint_every`
+            steps (before `on_step`, so a cancelled step is already saved).
+        resume (`TrainState`, *optional*): continue from this checkpoint; with the same settings the result
+            equals an uninterrupted run's.
 
     Raises:
         NonFiniteLoss: the loss or a gradient became NaN/inf; the method keeps its last finite parameters.
+        ResumeMismatch: `resume` was made with other settings.
     """
     encoded = _encode_training_set(host, data, options.flip_p > 0)
     vectors = method.vectors()
@@ -211,12 +240,24 @@ def train(method: Method, host: Host, data: TrainingSet, options: LoopOptions,
     heldout = (HeldOut.draw(host, encoded, prepared, data.per_image, options.heldout_draws, options.seed)
                if options.heldout_draws else None)
     result = TrainResult()
-    if heldout:
+    optimizer = method.optimizer(options.learning_rate)
+    fingerprint = run_fingerprint(method, data, options)
+    first = 1
+    if resume is not None:
+        differences = fingerprint_differences(resume.fingerprint, fingerprint)
+        if differences:
+            raise ResumeMismatch("the checkpoint was made with other settings (" + "; ".join(differences) + ")")
+        with torch.no_grad():
+            for p, saved in zip(method.parameters(), resume.parameters, strict=True):
+                p.copy_(saved.to(p))
+        optimizer.load_state_dict(resume.optimizer)
+        noise_gen.set_state(resume.noise_generator)
+        result.losses, result.heldout_before, first = list(resume.losses), resume.heldout_before, resume.step + 1
+    elif heldout:
         result.heldout_before = heldout.loss(host, encoded, method.vectors(), options.batch_size)
 
-    optimizer = method.optimizer(options.learning_rate)
     latent_shape = encoded.latents.shape[2:]
-    for step in range(1, options.steps + 1):
+    for step in range(first, options.steps + 1):
         step_loss = torch.zeros((), device=encoded.latents.device)
         for micro in range((step - 1) * options.grad_accum, step * options.grad_accum):
             idx, flip = plan_dev.images[micro], plan_dev.flips[micro].long()
@@ -237,6 +278,11 @@ def train(method: Method, host: Host, data: TrainingSet, options: LoopOptions,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         result.losses.append(float(step_loss))
+        every = options.checkpoint_every
+        if on_checkpoint is not None and every and (step % every == 0 or step == options.steps):
+            on_checkpoint(TrainState(step, [p.detach().clone() for p in method.parameters()],
+                                     copy.deepcopy(optimizer.state_dict()), noise_gen.get_state(), list(result.losses),
+                                     result.heldout_before, fingerprint))
         if on_step is not None:
             on_step(step, options.steps, result.losses[-1])
 

@@ -8,7 +8,6 @@ from comfy_tier import require_comfyui
 
 tc = require_comfyui()
 
-from comfy_server import ComfyServer  # noqa: E402
 from concept_forge.nodes.headless import apply_overrides, demo_overrides, merge_overrides  # noqa: E402
 from concept_forge.nodes.workflow_api import workflow_to_prompt  # noqa: E402
 from safetensors import safe_open  # noqa: E402
@@ -16,18 +15,6 @@ from safetensors import safe_open  # noqa: E402
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
 NODE_IDS = {"ConceptForgeLearnConcept", "ConceptForgeTrainingOptions", "ConceptForgeSaveConcept",
             "ConceptForgeLoadConcept"}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = ComfyServer(tc.COMFYUI_PATH, tmp_path_factory.mktemp("server"))
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def object_info(server):
-    return server.get("/object_info")
 
 
 def api_prompt(path, object_info, **changes):

@@ -32,13 +32,19 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, comfyui: str, root: Path):
-        from concept_forge.nodes.demo import DEMO_CHECKPOINT, write_demo_checkpoint, write_demo_images
+        from concept_forge.nodes.demo import (
+            DEMO_CHECKPOINT,
+            write_demo_checkpoint,
+            write_demo_embedding,
+            write_demo_images,
+        )
 
         self.base = root / "base"
         for folder in ("custom_nodes", "input", "output", "models/checkpoints", "models/embeddings"):
             (self.base / folder).mkdir(parents=True, exist_ok=True)
         write_demo_checkpoint(self.base / "models" / "checkpoints" / DEMO_CHECKPOINT)
         write_demo_images(self.base / "input")
+        write_demo_embedding(self.base / "models" / "embeddings")
         packs = root / "packs"
         packs.mkdir(exist_ok=True)
         (packs / "concept_forge").symlink_to(PACK, target_is_directory=True)

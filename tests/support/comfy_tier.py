@@ -20,3 +20,9 @@ def run_node(node_class, hidden=None, **inputs):
     clone = node_class.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "7", **(hidden or {})})
     with torch.inference_mode():
         return clone.execute(**inputs)
+
+
+def ui_text(output) -> str:
+    """The text a node shows (its ui "text"), whether it returned a ui.PreviewText or a ui dict."""
+    ui = output.ui.as_dict() if hasattr(output.ui, "as_dict") else output.ui
+    return ui["text"][0]

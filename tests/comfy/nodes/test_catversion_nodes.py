@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from comfy_tier import require_comfyui, run_node
+from comfy_tier import require_comfyui, run_node, ui_text
 
 tc = require_comfyui()
 
@@ -99,7 +99,7 @@ def test_clip_skip_below_a_patched_layer_is_reported():
     clip.clip_layer(-2)
     out = run_node(CatVersionResidual, clip=clip, concept=concept(layers=(1, 2)), strength=1.0,
                    apply_to_negative=False)
-    assert "conditions on clip_l layer 1, so the residual of layer(s) [2] has no effect" in out.ui.as_dict()["text"][0]
+    assert "conditions on clip_l layer 1, so the residual of layer(s) [2] has no effect" in ui_text(out)
 
 
 def test_catversion_lowers_the_heldout_loss_through_comfyui():

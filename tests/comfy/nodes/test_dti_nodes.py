@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from comfy_tier import require_comfyui, run_node
+from comfy_tier import require_comfyui, run_node, ui_text
 
 tc = require_comfyui()
 
@@ -40,8 +40,8 @@ def test_learn_concept_dti_keeps_each_encoder_on_its_own_vocabulary_norm(model_f
     for key, vectors in concept.vectors.items():
         assert torch.allclose(vectors.norm(dim=-1), torch.tensor([expected[key]]), rtol=1e-4)
     assert concept.state["magnitude"] == pytest.approx(expected)
-    assert "5 steps at learning rate 0.02 (0.01 per sample)" in out.ui.as_dict()["text"][0]
-    assert "m* =" in out.ui.as_dict()["text"][0]
+    assert "5 steps at learning rate 0.02 (0.01 per sample)" in ui_text(out)
+    assert "m* =" in ui_text(out)
 
 
 def test_options_of_another_method_are_refused(model_folders):
@@ -93,7 +93,7 @@ def test_in_distribution_puts_any_embedding_on_the_clips_vocabulary_norm(arch):
     for key, vectors in applied_vectors(out.args[0]).items():
         assert torch.allclose(vectors.norm(dim=-1), torch.full((2,), expected[key]), rtol=1e-5)
         assert torch.allclose(F.normalize(vectors, dim=-1), F.normalize(concept.vectors[key], dim=-1), atol=1e-6)
-    assert "vocabulary mean" in out.ui.as_dict()["text"][0]
+    assert "vocabulary mean" in ui_text(out)
 
 
 def test_apply_refuses_other_architectures_and_catversion_concepts():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from comfy_tier import require_comfyui, run_node
+from comfy_tier import require_comfyui, run_node, ui_text
 from safetensors import safe_open
 
 tc = require_comfyui()
@@ -26,7 +26,7 @@ def test_save_writes_a_stock_embedding_that_stock_clip_text_encode_uses(model_fo
     out = run_node(SaveConcept, concept=ti(), name="", overwrite=False)
     path = model_folders / "embeddings" / "my_dog.safetensors"
     assert keys(path) == {"emb_params": (2, 32)}
-    assert "embedding:my_dog" in out.ui.as_dict()["text"][0]
+    assert "embedding:my_dog" in ui_text(out)
     clip = tc.tiny_clip("sd1", embedding_directory=str(model_folders / "embeddings"))
     items = [t for t, _ in clip.tokenize("a embedding:my_dog")["l"][0] if torch.is_tensor(t)]
     assert len(items) == 2 and torch.equal(items[0], torch.full((32,), 0.5))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from comfy_tier import require_comfyui, run_node
+from comfy_tier import require_comfyui, run_node, ui_text
 
 tc = require_comfyui()
 
@@ -29,7 +29,7 @@ def slot_vectors(clip, text="a photo of embedding:my_dog"):
 def test_learn_concept_returns_a_concept_a_ready_clip_and_the_loss(model_folders, arch):
     inputs = learn_inputs(arch)
     out = run_node(LearnConcept, **inputs)
-    concept, clip, loss = out.args
+    concept, clip, loss, plot = out.args
     assert concept.method == "ti" and concept.arch == arch and concept.name == "my_dog"
     assert len(loss["loss"]) == 6 and all(v > 0 for v in loss["loss"])
     assert set(slot_vectors(clip)) == set(concept.vectors)
@@ -38,10 +38,15 @@ def test_learn_concept_returns_a_concept_a_ready_clip_and_the_loss(model_folders
         init = inputs["clip"].cond_stage_model.__getattr__(f"clip_{key}").transformer.get_input_embeddings() \
             .weight[inputs["clip"].tokenize("dog")[key][0][1][0]]
         assert not torch.allclose(vectors[0], init.float())  # every encoder trained
-    text = out.ui.as_dict()["text"][0]
+    assert plot.shape == (1, 384, 768, 3) and 0 <= float(plot.min()) and float(plot.max()) <= 1
+    assert out.ui["loss"] == loss["loss"]
+    text = ui_text(out)
     assert "6 steps at learning rate 0.01 (0.005 per sample)" in text and "Held-out loss" in text
     assert concept.provenance["init_word"] == "dog" and concept.provenance["seed"] == 1
-    assert not any(model_folders.rglob("*.safetensors"))  # learning alone writes nothing
+    saved = sorted(p.relative_to(model_folders) for p in model_folders.rglob("*.safetensors"))
+    assert [str(p) for p in saved] == ["concepts/checkpoints/my_dog/my_dog.safetensors",
+                                        "concepts/checkpoints/my_dog/training_state.safetensors"]
+    assert not (model_folders / "embeddings" / "my_dog.safetensors").exists()  # only Save Concept writes there
 
 
 def test_the_same_seed_learns_the_same_concept_and_another_seed_does_not(model_folders):
@@ -103,7 +108,7 @@ def test_cancel_stops_within_a_step_writes_nothing_and_the_next_run_works(model_
         comfy.utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
     assert seen == [1, 2, 3]
-    assert not any(model_folders.rglob("*.safetensors"))
+    assert not any(model_folders.rglob("*.safetensors"))  # no checkpoint was due yet (every 100 steps)
     concept = run_node(LearnConcept, **{**inputs, "steps": 2}).args[0]  # same CLIP/MODEL objects: still usable
     assert concept.is_finite()
 
@@ -117,3 +122,66 @@ def test_a_nan_loss_stops_names_the_step_and_keeps_the_last_finite_concept(model
     assert f"recovered/my_dog-step{step - 1}.safetensors" in message and "lower learning rate" in message
     recovered = read_concept(model_folders / "concepts" / "recovered" / f"my_dog-step{step - 1}.safetensors")
     assert recovered.is_finite() and recovered.provenance["steps"] == step - 1
+
+
+def test_a_cancelled_run_resumes_to_the_uninterrupted_result(model_folders):
+    from concept_forge.nodes.training import TrainingOptions
+
+    def interrupt_at(step):
+        def hook(value, total, preview, prompt_id=None, node_id=None):
+            if value == step:
+                mm.interrupt_current_processing(True)
+        return hook
+
+    uninterrupted = run_node(LearnConcept, **learn_inputs(steps=12, name="full",
+                                                          training_options=TrainingOptions(checkpoint_every=4))).args[0]
+    comfy.utils.set_progress_bar_global_hook(interrupt_at(6))
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run_node(LearnConcept, **learn_inputs(steps=12, name="cut", training_options=TrainingOptions(
+                checkpoint_every=4)))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    kept = read_concept(model_folders / "concepts" / "checkpoints" / "cut" / "cut.safetensors")
+    assert kept.provenance["steps"] == 4  # cancelled at step 7: the step-4 checkpoint is what was kept
+    resumed = run_node(LearnConcept, **learn_inputs(steps=12, name="cut", training_options=TrainingOptions(
+        checkpoint_every=4, resume=True))).args[0]
+    assert (resumed.vectors["l"] - uninterrupted.vectors["l"]).abs().max() < 1e-6
+
+
+def test_resume_without_a_checkpoint_or_with_other_settings_says_so(model_folders):
+    from concept_forge.nodes.training import TrainingOptions
+
+    with pytest.raises(ValueError, match="Learn Concept: resume is on but there is no checkpoint at .*fresh"):
+        run_node(LearnConcept, **learn_inputs(name="fresh", training_options=TrainingOptions(resume=True)))
+    run_node(LearnConcept, **learn_inputs(steps=4, name="fresh", training_options=TrainingOptions(checkpoint_every=2)))
+    with pytest.raises(ValueError, match="cannot resume 'fresh': .*seed: checkpoint 1, now 9.*turn resume off"):
+        run_node(LearnConcept, **learn_inputs(steps=8, seed=9, name="fresh",
+                                              training_options=TrainingOptions(resume=True)))
+
+
+def test_previews_reach_the_progress_bar_every_n_steps(model_folders):
+    previews = {}
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        if preview is not None:
+            previews[value] = preview
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        run_node(LearnConcept, **learn_inputs(steps=4, preview_every=2))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert sorted(previews) == [2, 4]
+    kind, image, size = previews[2]
+    assert kind == "JPEG" and image.size == (64, 64) and size == 512
+
+
+def test_the_loss_history_is_kept_for_a_reloaded_page(model_folders):
+    from concept_forge.nodes.progress import LOSS_HISTORY
+
+    out = run_node(LearnConcept, **learn_inputs(steps=5))
+    history = LOSS_HISTORY["7"]
+    assert history["steps"] == [1, 2, 3, 4, 5] and history["losses"] == out.args[2]["loss"]
+    assert history["running"] is False and history["total"] == 5

@@ -1,0 +1,33 @@
+"""Editing UI-format workflows (what the frontend loads) by widget name, for the browser tests."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from concept_forge.nodes.workflow_api import widgets
+
+
+def with_widgets(workflow: dict[str, Any], object_info: dict[str, Any],
+                 changes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A copy of `workflow` whose nodes of each type in `changes` get the given widget values."""
+    workflow = copy.deepcopy(workflow)
+    for node in workflow["nodes"]:
+        values = changes.get(node["type"])
+        if not values:
+            continue
+        position = 0
+        for widget in widgets(object_info[node["type"]]["input"]):
+            if widget.name in values:
+                node["widgets_values"][position] = values[widget.name]
+            position += 1 + widget.extra_values
+    return workflow
+
+
+def demo_images(workflow: dict[str, Any], images: tuple[str, ...]) -> dict[str, Any]:
+    """The Load Image nodes, in id order, pointed at the demo images."""
+    workflow = copy.deepcopy(workflow)
+    loaders = sorted((n for n in workflow["nodes"] if n["type"] == "LoadImage"), key=lambda n: n["id"])
+    for i, node in enumerate(loaders):
+        node["widgets_values"][0] = images[i % len(images)]
+    return workflow
