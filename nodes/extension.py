@@ -2,9 +2,9 @@
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
-from . import catversion, dti, files, info, learn
+from . import batex, catversion, dti, files, info, learn
 
 
 class ConceptForgeExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*learn.NODES, *dti.NODES, *catversion.NODES, *files.NODES, *info.NODES]
+        return [*learn.NODES, *dti.NODES, *batex.NODES, *catversion.NODES, *files.NODES, *info.NODES]

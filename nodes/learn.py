@@ -57,15 +57,17 @@ class LearnConcept(io.ComfyNode):
                 io.Combo.Input("method", options=METHODS, default="ti", tooltip="ti: Textual Inversion, free token "
                                "vectors (Gal et al. 2022). dti: Directional TI, the length fixed at the vocabulary's "
                                "norm and only the direction learned (Kim et al. 2025); its recipe is the paper's "
-                               "SDXL one, used unchanged for SD 1.x/2.x (not paper-verified). catversion: "
+                               "SDXL one, used unchanged for SD 1.x/2.x (not paper-verified). batex: BaTex, the vector "
+                               "learned as a weighted sum of M vocabulary rows close to the init word, only the "
+                               "weights trained (Du et al. 2024). catversion: "
                                "residual keys and values in the text encoder's last layers, prompted by the class "
                                "word given as init_word (Zhao et al. 2023); SD 2.x and SDXL are experimental."),
                 io.Int.Input("steps", default=0, min=0, max=100000, tooltip="Optimizer steps. 0 uses the method's "
-                             "default: TI 3000, DTI 400, CatVersion 1000."),
+                             "default: TI 3000, DTI 400, BaTex 1000, CatVersion 1000."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=0.0001, tooltip="Per-sample "
                                "learning rate, multiplied by batch size × accumulation as the papers do. 0 uses "
                                "the method's default: TI 0.005, DTI 0.01 (a rotation step, 0.04 at batch 4), "
-                               "CatVersion 0.005."),
+                               "BaTex 0.0005, CatVersion 0.005."),
                 io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Images per step. Lower it if you "
                              "run out of memory; the effective learning rate follows it."),
                 io.Int.Input("vectors", default=0, min=0, max=16, tooltip="Vectors per text encoder. 0 gives one "

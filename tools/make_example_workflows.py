@@ -147,6 +147,20 @@ def learn_concept_ti(g: Graph) -> None:
     learn_and_generate(g, "ti", "my_dog", TI_NOTE, training_options=True)
 
 
+BATEX_NOTE = """## BaTex
+
+BaTex learns the concept as a weighted sum of the M vocabulary embeddings closest to the init word: only the M
+weights train, so the concept stays among words the model knows. The paper reports better text alignment and
+faster convergence than TI; 1000 steps at 0.0005 × batch.
+
+BaTex Options sets M, the ranking and an optional target rank. Save Concept writes a stock embedding
+(`embedding:my_dog_batex`) that also keeps the basis and weights; Concept Info lists the strongest basis words."""
+
+
+def learn_concept_batex(g: Graph) -> None:
+    learn_and_generate(g, "batex", "my_dog_batex", BATEX_NOTE, options="ConceptForgeBaTexOptions")
+
+
 def learn_concept_dti(g: Graph) -> None:
     learn_and_generate(g, "dti", "my_dog_dti", DTI_NOTE, options="ConceptForgeDTIOptions")
 
@@ -226,6 +240,7 @@ def concept_slerp(g: Graph) -> None:
 
 
 WORKFLOWS = {"learn_concept_ti": learn_concept_ti, "learn_concept_dti": learn_concept_dti,
+             "learn_concept_batex": learn_concept_batex,
              "learn_concept_catversion": learn_concept_catversion, "concept_slerp": concept_slerp,
              "concept_tools": concept_tools}
 

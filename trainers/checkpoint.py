@@ -32,6 +32,7 @@ class TrainState:
     losses: list[float]
     heldout_before: float | None
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    heldout_curve: list[tuple[int, float]] = field(default_factory=list)
 
 
 def pack(value: Any, tensors: dict[str, Tensor]) -> Any:
@@ -70,7 +71,8 @@ def save_state(state: TrainState, path: str | os.PathLike[str]) -> Path:
     tensors: dict[str, Tensor] = {}
     record = pack({"step": state.step, "parameters": state.parameters, "optimizer": state.optimizer,
                    "noise_generator": state.noise_generator, "losses": state.losses,
-                   "heldout_before": state.heldout_before, "fingerprint": state.fingerprint}, tensors)
+                   "heldout_before": state.heldout_before, "fingerprint": state.fingerprint,
+                   "heldout_curve": state.heldout_curve}, tensors)
     metadata = {"format": FORMAT, "version": str(FORMAT_VERSION), "state": json.dumps(record)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

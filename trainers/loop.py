@@ -46,6 +46,8 @@ class LoopOptions:
         flip_p (`float`, defaults to 0.0): probability that a sample uses its horizontally flipped image.
         heldout_draws (`int`, defaults to 0): fixed (noise, timestep) pairs per image for the held-out loss
             reported before and after training; 0 skips it.
+        heldout_every (`int`, defaults to 0): also record the held-out loss every this many steps, for
+            convergence curves (`TrainResult.heldout_curve`); needs `heldout_draws`.
         checkpoint_every (`int`, defaults to 0): hand a `TrainState` to the checkpoint callback every this many
             steps and at the last one; 0 never does.
     """
@@ -57,6 +59,7 @@ class LoopOptions:
     seed: int = 0
     flip_p: float = 0.0
     heldout_draws: int = 0
+    heldout_every: int = 0
     checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
@@ -98,6 +101,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean training loss per optimizer step
     heldout_before: float | None = None
     heldout_after: float | None = None
+    heldout_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss), from step 0
 
 
 class ResumeMismatch(ValueError):
@@ -253,8 +257,10 @@ def train(method: Method, host: Host, data: TrainingSet, options: LoopOptions,
         optimizer.load_state_dict(resume.optimizer)
         noise_gen.set_state(resume.noise_generator)
         result.losses, result.heldout_before, first = list(resume.losses), resume.heldout_before, resume.step + 1
+        result.heldout_curve = [(int(s), float(v)) for s, v in resume.heldout_curve]
     elif heldout:
         result.heldout_before = heldout.loss(host, encoded, method.vectors(), options.batch_size)
+        result.heldout_curve.append((0, result.heldout_before))
 
     latent_shape = encoded.latents.shape[2:]
     for step in range(first, options.steps + 1):
@@ -278,11 +284,13 @@ def train(method: Method, host: Host, data: TrainingSet, options: LoopOptions,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         result.losses.append(float(step_loss))
+        if heldout and options.heldout_every and step % options.heldout_every == 0:
+            result.heldout_curve.append((step, heldout.loss(host, encoded, method.vectors(), options.batch_size)))
         every = options.checkpoint_every
         if on_checkpoint is not None and every and (step % every == 0 or step == options.steps):
             on_checkpoint(TrainState(step, [p.detach().clone() for p in method.parameters()],
                                      copy.deepcopy(optimizer.state_dict()), noise_gen.get_state(), list(result.losses),
-                                     result.heldout_before, fingerprint))
+                                     result.heldout_before, fingerprint, list(result.heldout_curve)))
         if on_step is not None:
             on_step(step, options.steps, result.losses[-1])
 

@@ -25,14 +25,24 @@ def api_prompt(path, object_info, **changes):
 
 def test_the_pack_loads_without_errors_under_one_category(server, object_info):
     assert NODE_IDS <= set(object_info)
-    assert {object_info[n]["category"].split("/")[0] for n in NODE_IDS} == {"concept_forge"}
+    ours = {n for n in object_info if n.startswith("ConceptForge")}
+    assert {object_info[n]["category"].split("/")[0] for n in ours} == {"concept_forge"}
     log = server.log()
     failures = [line for line in log.splitlines() if "Cannot import" in line or "FAILED" in line]
     assert not [line for line in failures if "concept_forge" in line]
-    learn = object_info["ConceptForgeLearnConcept"]
-    tooltips = [spec[1].get("tooltip") for section in learn["input"].values() if isinstance(section, dict)
-                for spec in section.values() if isinstance(spec, list) and len(spec) > 1]
-    assert tooltips and all(tooltips)  # every input explains itself
+    for node in ours:
+        specs = [spec for section in ("required", "optional") for spec in object_info[node]["input"]
+                 .get(section, {}).values()]
+        assert all(len(spec) > 1 and spec[1].get("tooltip") for spec in specs), f"{node}: an input lacks a tooltip"
+
+
+def test_every_node_has_a_help_page_and_appears_in_a_shipped_workflow_with_a_thumbnail(object_info):
+    root = WORKFLOWS[0].parent.parent
+    used = {node["type"] for path in WORKFLOWS for node in json.loads(path.read_text())["nodes"]}
+    for node in (n for n in object_info if n.startswith("ConceptForge")):
+        assert (root / "web" / "docs" / f"{node}.md").exists(), f"{node} has no help page"
+        assert node in used, f"{node} is in no example workflow"
+    assert all(path.with_suffix(".jpg").exists() for path in WORKFLOWS)
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])

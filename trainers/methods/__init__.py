@@ -12,12 +12,12 @@ from typing import Any
 
 from ..concept import Method as MethodName
 from ..host import Host
-from . import catversion, dti, ti
+from . import batex, catversion, dti, ti
 from .base import Method, init_vectors
 
 __all__ = ["Method", "MODULES", "create_method", "init_vectors", "method_options", "method_prompts"]
 
-MODULES: dict[str, ModuleType] = {"ti": ti, "dti": dti, "catversion": catversion}
+MODULES: dict[str, ModuleType] = {"ti": ti, "dti": dti, "batex": batex, "catversion": catversion}
 
 
 def _module(name: str) -> ModuleType:

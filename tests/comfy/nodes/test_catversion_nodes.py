@@ -119,7 +119,7 @@ def test_learn_concept_trains_only_the_residuals_and_saves_and_loads_bit_exactly
                    name="teddy", init_word="bear", method="catversion", steps=4, learning_rate=0.0, batch_size=2,
                    vectors=0, resolution=64, prompts="object", seed=0, precision="auto",
                    gradient_checkpointing=False, method_options=options)
-    learned, learned_clip, _ = out.args
+    learned, learned_clip, _, _ = out.args
     assert sum(t.numel() for t in learned.tensors.values()) == 2 * 1 * 2 * 32  # layers × tokens × (k, v) × width
     assert learned.state["layers"] == {"l": [1, 2]} and learned.state["class_word"] == "bear"
     assert all(torch.equal(v, weights[k]) for k, v in clip.cond_stage_model.state_dict().items())

@@ -162,3 +162,9 @@ def test_loop_options_refuse_nonsense(field, value):
     kwargs = {"steps": 1, "learning_rate": 0.1, field: value}
     with pytest.raises(ValueError, match=field):
         LoopOptions(**kwargs)
+
+
+def test_the_heldout_curve_is_recorded_from_step_zero_every_n_steps():
+    _, result = ti_run(steps=6, heldout_draws=4, heldout_every=2)
+    assert [step for step, _ in result.heldout_curve] == [0, 2, 4, 6]
+    assert result.heldout_curve[0][1] == result.heldout_before and result.heldout_curve[-1][1] == result.heldout_after
