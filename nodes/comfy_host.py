@@ -5,8 +5,7 @@ Every pitfall of training inside ComfyUI (COMFYUI.md §10) is handled here and n
 - CLIP and MODEL are cloned; only the clones are patched, and `close()` unloads them so the user's objects
   come back untouched (§10.5);
 - the clone's CLIP layers get an out-of-place forward so autograd can pass through them (§10.3, §1.9);
-- weights loaded under inference mode are read through identity weight wrappers, which makes ComfyUI hand
-  each forward a fresh, saveable copy (§10.2, §2.8);
+- weights loaded under inference mode get an ordinary copy once, so autograd can save them (§10.2, §2.8);
 - `apply_model` takes sigma and returns x0: ε (or v) is derived from it (§10.6, §2.2); SDXL gets its ADM `y`.
 """
 
@@ -143,10 +142,6 @@ class ComfyCond:
     pooled: Tensor | None   # [B, P]: SDXL's clip_g pooled output, for the ADM vector
 
 
-def _identity(weight: Tensor) -> Tensor:
-    return weight
-
-
 def _out_of_place_layer_forward(layer: torch.nn.Module) -> Callable[..., Tensor]:
     """CLIPLayer.forward without its in-place residual adds, which autograd cannot pass (COMFYUI.md §1.9)."""
     def forward(x: Tensor, mask: Tensor | None = None, optimized_attention: Any = None) -> Tensor:
@@ -161,16 +156,19 @@ def _checkpointed(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return run
 
 
-def _weight_keys(root: torch.nn.Module, prefix: str = "") -> list[str]:
-    """State-dict keys of the weights and biases ComfyUI's ops cast (those with a weight_function hook)."""
-    keys = []
-    for name, module in root.named_modules():
-        if not hasattr(module, "weight_function") or isinstance(module, torch.nn.Embedding):
-            continue  # embeddings are only indexed; copying a 49408-row table every step would be waste
-        for param in ("weight", "bias"):
-            if getattr(module, param, None) is not None:
-                keys.append(f"{prefix}{name}.{param}")
-    return keys
+def _saveable_weights(root: torch.nn.Module) -> None:
+    """Give every inference-tensor parameter an ordinary copy, once (COMFYUI.md §10.2, §2.8).
+
+    Weights loaded under ComfyUI's inference mode cannot be saved for the backward pass. Copying them once is
+    what ComfyUI itself does whenever it moves a model to the GPU outside inference mode; the values are unchanged,
+    so every other user of the model computes exactly as before. The alternative — identity weight wrappers —
+    would copy every weight at every forward and keep the copies for the backward pass.
+    """
+    import comfy.utils
+
+    for name, p in list(root.named_parameters()):
+        if p.is_inference():
+            comfy.utils.set_attr_param(root, name, p.clone())
 
 
 class ComfyHost:
@@ -202,6 +200,7 @@ class ComfyHost:
         self._patch_unet(PRECISIONS[precision], gradient_checkpointing)
         self.encoders = self._text_encoders()
         self._tokenizer = self.clip.tokenizer
+        self._adm_sizes: dict[tuple[int, int], Tensor] = {}
         self._loaded = False
 
     # -- setup and teardown ------------------------------------------------------------------------------------
@@ -214,16 +213,11 @@ class ComfyHost:
             for i, layer in enumerate(self._sub(key).transformer.text_model.encoder.layers):
                 patcher.add_object_patch(f"clip_{key}.transformer.text_model.encoder.layers.{i}.forward",
                                          _out_of_place_layer_forward(layer))
-        for weight_key in _weight_keys(self.clip.cond_stage_model):
-            patcher.add_weight_wrapper(weight_key, _identity)
 
     def _patch_unet(self, dtype: torch.dtype | None, gradient_checkpointing: bool) -> None:
         base = self.model.model
         if dtype is not None:
             self.model.set_model_compute_dtype(dtype)
-        if any(p.is_inference() for p in base.parameters()):
-            for weight_key in _weight_keys(base):
-                self.model.add_weight_wrapper(weight_key, _identity)
         if gradient_checkpointing:
             unet = base.diffusion_model
             blocks = [f"input_blocks.{i}" for i in range(len(unet.input_blocks))] + ["middle_block"] + \
@@ -244,6 +238,8 @@ class ComfyHost:
         if not self._loaded:
             # like ComfyUI's Train LoRA: evict everything else and load both models whole
             mm.load_models_gpu([self.clip.patcher, self.model], memory_required=1e20, force_full_load=True)
+            _saveable_weights(self.clip.cond_stage_model)
+            _saveable_weights(self.model.model)
             self._loaded = True
 
     def close(self) -> None:
@@ -321,6 +317,17 @@ class ComfyHost:
         self._loaded = False  # the VAE may have pushed our models out of memory
         return self.model.model.process_latent_in(latents).to(self.device)
 
+    def _adm(self, pooled: Tensor, height: int, width: int) -> Tensor:
+        """SDXL's ADM vector y = [pooled, size embeddings]: the size part is computed once per size and kept on
+        the device (encode_adm builds it on the CPU, which would cost a round trip every step)."""
+        sizes = self._adm_sizes.get((height, width))
+        if sizes is None:
+            probe = torch.zeros(1, pooled.shape[-1])
+            full = self.model.model.encode_adm(pooled_output=probe, width=width, height=height, crop_w=0, crop_h=0,
+                                               target_width=width, target_height=height)
+            sizes = self._adm_sizes[(height, width)] = full[:, pooled.shape[-1]:].to(pooled)
+        return torch.cat([pooled, sizes.expand(len(pooled), -1)], dim=1)
+
     @torch.no_grad()
     def sample(self, prompt: str, vectors: Mapping[str, Tensor], size: int, seed: int = 0, steps: int = 12,
                cfg: float = 5.0) -> Tensor:
@@ -354,9 +361,7 @@ class ComfyHost:
         noisy = sampling.noise_scaling(sigma, noise, latents)                         # x0 + σ·ε
         extra = {}
         if cond.pooled is not None:
-            height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
-            extra["y"] = base.encode_adm(pooled_output=cond.pooled, width=width, height=height, crop_w=0, crop_h=0,
-                                         target_width=width, target_height=height)
+            extra["y"] = self._adm(cond.pooled, latents.shape[-2] * 8, latents.shape[-1] * 8)
         options = {**self.model.model_options.get("transformer_options", {}),
                    "cond_or_uncond": [0] * len(latents), "sigmas": sigma}
         denoised = base.apply_model(noisy, sigma, c_crossattn=cond.cross_attn, transformer_options=options, **extra)

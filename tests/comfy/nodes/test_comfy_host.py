@@ -149,3 +149,13 @@ def test_bf16_precision_trains_close_to_fp32():
     assert bf16_loss == pytest.approx(fp32_loss, rel=0.05)
     cosine = torch.nn.functional.cosine_similarity(bf16_grad.flatten(), fp32_grad.flatten(), dim=0)
     assert cosine > 0.9
+
+
+def test_sdxl_adm_vector_equals_comfyuis_own_and_stays_on_the_device():
+    model, clip, vae = models("sdxl")
+    with torch.inference_mode(False), torch.enable_grad(), ComfyHost(model, clip, vae, "sdxl") as host:
+        pooled = torch.randn(3, 48, generator=torch.Generator().manual_seed(0))
+        ours = host._adm(pooled, 64, 96)
+        stock = host.model.model.encode_adm(pooled_output=pooled, width=96, height=64, crop_w=0, crop_h=0,
+                                            target_width=96, target_height=64)
+    assert torch.equal(ours, stock) and ours.device == pooled.device
