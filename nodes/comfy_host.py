@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -140,6 +141,33 @@ class _Slot:
 class ComfyCond:
     cross_attn: Tensor      # [B, L, D]
     pooled: Tensor | None   # [B, P]: SDXL's clip_g pooled output, for the ADM vector
+    prompts: Sequence[Any]  # the prepared prompts, so a reference path can encode them again
+
+
+ATTENTION_PROJECTIONS = {  # the tuning encoder's LoRA targets, by option
+    "attention q/k/v/out": ("attn1", "attn2"), "attention q/k/v": ("attn1", "attn2"), "cross-attention k/v": ("attn2",),
+}
+
+
+PROJECTION = re.compile(r"(?:^|\.)(attn[12])\.(to_q|to_k|to_v|to_out\.0)$")  # a BasicTransformerBlock's
+
+
+class Switch:
+    """Shared on/off for the weight offsets: the dual path's reference pass runs without them."""
+
+    enabled = True
+
+
+class LoraDelta:
+    """A weight wrapper: W + scale·up@down while the switch is on (COMFYUI.md §2.5), differentiable in up and down."""
+
+    def __init__(self, up: Tensor, down: Tensor, scale: float, switch: Switch):
+        self.up, self.down, self.scale, self.switch = up, down, scale, switch
+
+    def __call__(self, weight: Tensor) -> Tensor:
+        if not self.switch.enabled:
+            return weight
+        return weight + (self.scale * (self.up @ self.down)).to(weight)
 
 
 def _out_of_place_layer_forward(layer: torch.nn.Module) -> Callable[..., Tensor]:
@@ -179,12 +207,16 @@ class ComfyHost:
         arch (`Arch`): from `detect_arch`.
         precision (`str`, defaults to `"auto"`): the UNet's compute dtype; "auto" keeps ComfyUI's choice.
         gradient_checkpointing (`bool`, defaults to `False`): recompute UNet blocks in the backward pass.
+        clip_vision (*optional*): a CLIP_VISION, for `image_features`.
     """
 
     def __init__(self, model: Any, clip: Any, vae: Any, arch: Arch, precision: str = "auto",
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, clip_vision: Any = None):
         self.arch = arch
         self.vae = vae
+        self.clip_vision = clip_vision
+        self._offsets = Switch()
+        self._reference: tuple[float, Callable[[], Mapping[str, Tensor]]] | None = None
         self.model = model.clone()
         self.clip = clip.clone()
         self.device = self.model.load_device
@@ -309,13 +341,73 @@ class ComfyHost:
             hidden, pooled = next(iter(outputs.values()))
             pooled = None
         counts = [len(prompt[next(iter(self.encoders))]) for prompt in prompts]
-        return ComfyCond(*_batch_prompts(hidden, pooled, counts))
+        return ComfyCond(*_batch_prompts(hidden, pooled, counts), prompts)
+
+    def unet_targets(self, kind: str) -> list[tuple[str, int, int]]:
+        if kind not in ATTENTION_PROJECTIONS:
+            raise ValueError(f"targets must be one of {', '.join(ATTENTION_PROJECTIONS)}, got {kind!r}.")
+        projections = {"to_k", "to_v"} if kind == "cross-attention k/v" else {"to_q", "to_k", "to_v"}
+        if kind == "attention q/k/v/out":
+            projections.add("to_out.0")
+        targets = []
+        for name, module in self.model.model.diffusion_model.named_modules():
+            found = PROJECTION.search(name)
+            if found and found.group(1) in ATTENTION_PROJECTIONS[kind] and found.group(2) in projections:
+                out_features, in_features = module.weight.shape
+                targets.append((f"diffusion_model.{name}.weight", int(out_features), int(in_features)))
+        return targets
+
+    def wrap_unet_weights(self, offsets: Mapping[str, tuple[Tensor, Tensor]], scale: float) -> None:
+        for key, (up, down) in offsets.items():
+            self.model.add_weight_wrapper(key, LoraDelta(up, down, scale, self._offsets))
+        self._loaded = False  # wrappers are installed when the model loads
+
+    def set_reference(self, blend: float, vectors: Callable[[], Mapping[str, Tensor]]) -> None:
+        self._reference = (blend, vectors)
+
+    def image_features(self, images: Tensor) -> Tensor:
+        if self.clip_vision is None:
+            raise ValueError("image features need a CLIP vision model; connect a CLIP_VISION.")
+        with torch.no_grad():
+            features = self.clip_vision.encode_image(images[..., :3], crop=True)["penultimate_hidden_states"]
+        self._loaded = False  # the vision model may have pushed ours out of memory
+        return features.to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def unet_features(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        self._ensure_loaded()
+        blocks: list[Tensor] = []
+
+        def capture(h: Tensor, transformer_options: Any) -> Tensor:
+            blocks.append(h.float().mean(dim=(-2, -1)))                                    # [B, C]
+            return h
+
+        empty = self.encode([self.prepare_prompt("", 0)] * len(latents), {})
+        options = self.model.model_options.get("transformer_options", {})
+        patches = {**options.get("patches", {})}
+        patches["input_block_patch"] = [*patches.get("input_block_patch", []), capture]
+        self._predict(latents, empty, noise, timesteps, {**options, "patches": patches})
+        return torch.cat(blocks, dim=-1)
 
     def encode_images(self, images: Tensor) -> Tensor:
         with torch.no_grad():  # the VAE's weights are inference tensors and need no gradient
             latents = self.vae.encode(images[..., :3])
         self._loaded = False  # the VAE may have pushed our models out of memory
         return self.model.model.process_latent_in(latents).to(self.device)
+
+    def _predict(self, latents: Tensor, cond: ComfyCond, noise: Tensor, timesteps: Tensor,
+                 transformer_options: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """The noisy latent x0 + σ·ε, σ, and the UNet's x0 prediction at the discrete `timesteps`."""
+        sampling = self._sampling
+        sigma = sampling.sigma(timesteps.float())                                    # [B]
+        noisy = sampling.noise_scaling(sigma, noise, latents)
+        extra = {}
+        if cond.pooled is not None:
+            extra["y"] = self._adm(cond.pooled, latents.shape[-2] * 8, latents.shape[-1] * 8)
+        options = {**transformer_options, "cond_or_uncond": [0] * len(latents), "sigmas": sigma}
+        denoised = self.model.model.apply_model(noisy, sigma, c_crossattn=cond.cross_attn,
+                                                transformer_options=options, **extra)
+        return noisy, sigma, denoised
 
     def _adm(self, pooled: Tensor, height: int, width: int) -> Tensor:
         """SDXL's ADM vector y = [pooled, size embeddings]: the size part is computed once per size and kept on
@@ -356,15 +448,18 @@ class ComfyHost:
     def loss(self, latents: Tensor, cond: ComfyCond, noise: Tensor, timesteps: Tensor,
              mask: Tensor | None = None) -> Tensor:
         self._ensure_loaded()
-        base, sampling = self.model.model, self._sampling
-        sigma = sampling.sigma(timesteps.float())                                    # [B]
-        noisy = sampling.noise_scaling(sigma, noise, latents)                         # x0 + σ·ε
-        extra = {}
-        if cond.pooled is not None:
-            extra["y"] = self._adm(cond.pooled, latents.shape[-2] * 8, latents.shape[-1] * 8)
-        options = {**self.model.model_options.get("transformer_options", {}),
-                   "cond_or_uncond": [0] * len(latents), "sigmas": sigma}
-        denoised = base.apply_model(noisy, sigma, c_crossattn=cond.cross_attn, transformer_options=options, **extra)
+        options = self.model.model_options.get("transformer_options", {})
+        noisy, sigma, denoised = self._predict(latents, cond, noise, timesteps, options)
+        if self._reference is not None:  # the dual path: blend in the UNet without offsets on the hard tokens
+            blend, vectors = self._reference
+            with torch.no_grad():
+                reference = self.encode(cond.prompts, vectors())
+                self._offsets.enabled = False
+                try:
+                    reference_denoised = self._predict(latents, reference, noise, timesteps, options)[2]
+                finally:
+                    self._offsets.enabled = True
+            denoised = blend * denoised + (1 - blend) * reference_denoised
         eps = (noisy - denoised) / sigma.view(-1, 1, 1, 1)
         err = (eps.float() - noise.float()) ** 2                                     # [B, C, h, w]
         if mask is None:

@@ -3,39 +3,59 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
+
+import folder_paths
 
 from comfy_api.v0_0_2 import io, ui
 
 from ..trainers.concept import Concept, name_problem
+from ..trainers.atomic import write_safetensors
 from ..trainers.files import read_concept, save_concept
 from .paths import display_path, file_choices, resolve_choice, target_path
+from .tuning import lora_of
 from .types import CATEGORY, ConceptIO
 
 SAVE = "Save Concept"
 LOAD = "Load Concept"
 
 
-def save(concept: Concept, name: str, overwrite: bool) -> str:
-    """Write `concept` as `name` to its folder; returns the message shown on the node."""
-    name = name.strip() or concept.name
-    problem = name_problem(name)
-    if problem:
-        raise ValueError(f"{SAVE}: {problem}. Use letters, digits, '_', '-' or '.'.")
-    concept = concept.renamed(name)
-    path = target_path(concept, name)
+def _written(path: Path, overwrite: bool, write: Callable[[], Any]) -> None:
+    """Run `write` for `path`, turning its failures into Save Concept's messages."""
     try:
-        save_concept(concept, path, overwrite=overwrite)
+        write()
     except FileExistsError as e:
         raise FileExistsError(f"{SAVE}: {display_path(path)} already exists; turn on overwrite to replace it or "
                               "choose another name.") from e
     except OSError as e:
         raise OSError(f"{SAVE}: could not write {display_path(path)} ({e.strerror or e}); nothing was written. "
                       "Free some disk space or check the folder's permissions, then queue again.") from e
+
+
+def save(concept: Concept, name: str, overwrite: bool, export_stock_files: bool = False) -> str:
+    """Write `concept` as `name` to its folder (and, asked for, its stock LoRA + embedding); the node's message."""
+    name = name.strip() or concept.name
+    problem = name_problem(name)
+    if problem:
+        raise ValueError(f"{SAVE}: {problem}. Use letters, digits, '_', '-' or '.'.")
+    concept = concept.renamed(name)
+    path = target_path(concept, name)
+    _written(path, overwrite, lambda: save_concept(concept, path, overwrite=overwrite))
     if concept.is_token_concept:
         return (f"Saved to {display_path(path)}. Any CLIP Text Encode can now use embedding:{name} "
                 "(A1111 and kohya read the file too).")
-    return f"Saved to {display_path(path)}. Load it with Load Concept."
+    lines = [f"Saved to {display_path(path)}. Load it with Load Concept."]
+    if export_stock_files and concept.method == "tuning_encoder":
+        lora = Path(folder_paths.get_folder_paths("loras")[0]) / f"{name}.safetensors"
+        _written(lora, overwrite, lambda: write_safetensors(lora_of(concept), lora, {"concept_forge_concept": name},
+                                                            overwrite))
+        token = Concept(name, "ti", concept.arch, concept.vectors, provenance=concept.provenance)
+        embedding = target_path(token, name)
+        _written(embedding, overwrite, lambda: save_concept(token, embedding, overwrite=overwrite))
+        lines.append(f"Exported {display_path(lora)} (Load LoRA) and {display_path(embedding)} (embedding:{name}): "
+                     "usable without Concept Forge.")
+    return "\n".join(lines)
 
 
 def load(choice: str, name: str) -> Concept:
@@ -66,14 +86,18 @@ class SaveConcept(io.ComfyNode):
                                 "embedding:<name>. Empty keeps the concept's own name."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace a file of the same name. Off refuses "
                                  "to touch an existing file."),
+                io.Boolean.Input("export_stock_files", default=False, optional=True, tooltip="For Tuning Encoder "
+                                 "concepts: also write models/loras/<name>.safetensors (stock Load LoRA) and "
+                                 "models/embeddings/<name>.safetensors, usable without this pack. Off: only the "
+                                 "concept file. Other concepts ignore it."),
             ],
             outputs=[],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, concept, name, overwrite) -> io.NodeOutput:
-        return io.NodeOutput(ui=ui.PreviewText(save(concept, name, overwrite)))
+    def execute(cls, concept, name, overwrite, export_stock_files=False) -> io.NodeOutput:
+        return io.NodeOutput(ui=ui.PreviewText(save(concept, name, overwrite, export_stock_files)))
 
 
 class LoadConcept(io.ComfyNode):

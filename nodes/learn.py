@@ -15,7 +15,7 @@ from .plot import loss_plot
 from .training import NODE, Learned, LearnSettings, TrainingOptions, learn
 from .types import CATEGORY, OPTIONS_CATEGORY, ConceptIO, MethodOptionsIO, TrainingOptionsIO
 
-METHODS = list(MODULES)
+METHODS = [m for m in MODULES if m != "tuning_encoder"]  # that one has its own node, with a CLIP vision model
 PROMPT_MODES = ["object", "style", "captions"]
 
 

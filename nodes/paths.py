@@ -12,19 +12,22 @@ from ..trainers.concept import Concept
 from ..trainers.files import EXTENSIONS
 
 CONCEPTS = "concepts"
+ENCODERS = "concept_encoders"
 STATE_FILE = "training_state.safetensors"  # a checkpoint's optimizer state: not a concept
 EMBEDDINGS = "embeddings"
 
 
 def register_model_folders() -> None:
-    """Register `models/concepts`, merging with an entry that extra_model_paths.yaml may already have made."""
-    default = os.path.join(folder_paths.models_dir, CONCEPTS)
-    if CONCEPTS in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(CONCEPTS, default)
-        paths, _ = folder_paths.folder_names_and_paths[CONCEPTS]
-        folder_paths.folder_names_and_paths[CONCEPTS] = (paths, set(EXTENSIONS))
-    else:
-        folder_paths.folder_names_and_paths[CONCEPTS] = ([default], set(EXTENSIONS))
+    """Register `models/concepts` and `models/concept_encoders`, merging with entries that extra_model_paths.yaml
+    may already have made."""
+    for name, extensions in ((CONCEPTS, set(EXTENSIONS)), (ENCODERS, {".safetensors"})):
+        default = os.path.join(folder_paths.models_dir, name)
+        if name in folder_paths.folder_names_and_paths:
+            folder_paths.add_model_folder_path(name, default)
+            paths, _ = folder_paths.folder_names_and_paths[name]
+            folder_paths.folder_names_and_paths[name] = (paths, extensions)
+        else:
+            folder_paths.folder_names_and_paths[name] = ([default], extensions)
 
 
 def folder_for(concept: Concept) -> str:

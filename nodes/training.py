@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import comfy.model_management as mm
 import torch
@@ -23,7 +23,7 @@ from ..trainers.loop import (
     scaled_learning_rate,
     train,
 )
-from ..trainers.methods import create_method, method_options, method_prompts
+from ..trainers.methods import Method, create_method, method_options, method_prompts
 from ..trainers.templates import training_prompts
 from .comfy_host import ComfyHost, detect_arch
 from .paths import STATE_FILE, checkpoint_dir, display_path, recovery_path
@@ -82,20 +82,28 @@ class Learned:
     report: list[str]
 
 
+Build = Callable[[ComfyHost, torch.Tensor], Method]  # (host, training images) → the method, for nodes with their own
+
+
 def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor, mask: torch.Tensor | None, settings: LearnSettings,
-          node_id: str | None = None, prompt: Any = None) -> Learned:
-    """Everything Learn Concept does, without the node: validate, train, and return the concept."""
+          node_id: str | None = None, prompt: Any = None, *, node: str = NODE, build: Build | None = None,
+          clip_vision: Any = None) -> Learned:
+    """Everything Learn Concept does, without the node: validate, train, and return the concept.
+
+    Tuning Encoder runs the same way with its own `node` name for messages, its own `build` of the method from
+    the host and the images, and a `clip_vision` for the host.
+    """
     s = settings
     problem = name_problem(s.name)
     if problem:
-        raise ValueError(f"{NODE}: {problem}. Use letters, digits, '_', '-' or '.'.")
+        raise ValueError(f"{node}: {problem}. Use letters, digits, '_', '-' or '.'.")
     if vae is None:
-        raise ValueError(f"{NODE}: the VAE input is empty; connect the VAE output of Load Checkpoint.")
-    arch = detect_arch(model, clip, NODE)
+        raise ValueError(f"{node}: the VAE input is empty; connect the VAE output of Load Checkpoint.")
+    arch = detect_arch(model, clip, node)
     try:
         options = method_options(s.method, s.method_options)
     except ValueError as e:
-        raise ValueError(f"{NODE}: {e}") from e
+        raise ValueError(f"{node}: {e}") from e
     steps = s.steps or options.steps
     base_lr = s.learning_rate or options.learning_rate
     accum = s.training.gradient_accumulation
@@ -105,16 +113,17 @@ def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor, mask: torch.Ten
 
     with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs every node in inference mode
         resume = _resume_state(folder) if s.training.resume else None  # loaded here: no inference tensors
-        with ComfyHost(model, clip, vae, arch, s.precision, s.gradient_checkpointing) as host:
+        with ComfyHost(model, clip, vae, arch, s.precision, s.gradient_checkpointing, clip_vision) as host:
             resolution = s.resolution or native_resolution(arch, host.v_prediction)
             try:
                 pixels = prepare_images(images.clone(), resolution)
                 masks = None if mask is None else prepare_masks(mask.clone(), len(pixels), resolution)
                 prompts, per_image = training_prompts(s.prompts, s.name, len(pixels), s.captions)  # type: ignore[arg-type]
                 prompts = method_prompts(s.method, prompts, per_image, s.init_word)
-                method = create_method(s.method, host, s.init_word, s.vectors, options, s.seed)  # type: ignore[arg-type]
+                method = (build(host, pixels) if build else
+                          create_method(s.method, host, s.init_word, s.vectors, options, s.seed))  # type: ignore[arg-type]
             except ValueError as e:
-                raise ValueError(f"{NODE}: {e}") from e
+                raise ValueError(f"{node}: {e}") from e
             record = provenance(prompt, node_id, method=s.method, init_word=s.init_word.strip(), steps=steps,
                                 learning_rate=lr, base_learning_rate=base_lr, batch_size=s.batch_size,
                                 gradient_accumulation=accum, resolution=resolution, seed=s.seed, images=len(pixels),
@@ -141,11 +150,11 @@ def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor, mask: torch.Ten
             except NonFiniteLoss as e:
                 last_good = method.to_concept(s.name, arch, {**record, "steps": e.step - 1})
                 path = save_concept(last_good, recovery_path(s.name, e.step - 1), overwrite=True)
-                raise RuntimeError(f"{NODE}: {e}. The last finite concept was saved to {display_path(path)} (load it "
+                raise RuntimeError(f"{node}: {e}. The last finite concept was saved to {display_path(path)} (load it "
                                    "with Load Concept); retry with a lower learning rate, or precision fp32 or "
                                    "bf16.") from e
             except ResumeMismatch as e:
-                raise ValueError(f"{NODE}: cannot resume '{s.name}': {e}. Restore those settings, or turn resume "
+                raise ValueError(f"{node}: cannot resume '{s.name}': {e}. Restore those settings, or turn resume "
                                  "off to start again.") from e
             except mm.InterruptProcessingException:
                 _report_cancel(folder, saved[-1] if saved else None, node_id)

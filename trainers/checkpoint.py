@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
+
+from .atomic import write_safetensors
 
 FORMAT = "concept_forge.train_state"
 FORMAT_VERSION = 1
@@ -65,26 +65,14 @@ def unpack(value: Any, tensors: dict[str, Tensor]) -> Any:
 
 
 def save_state(state: TrainState, path: str | os.PathLike[str]) -> Path:
-    """Write `state` to `path` atomically (a temporary file in the same folder, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `state` to `path` atomically."""
     tensors: dict[str, Tensor] = {}
     record = pack({"step": state.step, "parameters": state.parameters, "optimizer": state.optimizer,
                    "noise_generator": state.noise_generator, "losses": state.losses,
                    "heldout_before": state.heldout_before, "fingerprint": state.fingerprint,
                    "heldout_curve": state.heldout_curve}, tensors)
     metadata = {"format": FORMAT, "version": str(FORMAT_VERSION), "state": json.dumps(record)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_safetensors(tensors, path, metadata)
 
 
 def load_state(path: str | os.PathLike[str]) -> TrainState:

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from .atomic import write_safetensors
 from .concept import ARCH_ENCODERS, ARCH_LABELS, Arch, Concept, arch_for_width, cpu_float
 
 METADATA_KEY = "concept_forge"
@@ -59,34 +58,17 @@ def file_metadata(concept: Concept) -> dict[str, str]:
 
 
 def save_concept(concept: Concept, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Write `concept` to `path` atomically: a temporary file in the same folder, then a rename.
+    """Write `concept` to `path` atomically (see `trainers.atomic`).
 
     Args:
         concept (`Concept`): what to write.
         path (`str | PathLike`): the target `.safetensors` file; its folder is created if needed.
         overwrite (`bool`, defaults to `False`): replace an existing file; otherwise raise `FileExistsError`.
-
-    Returns:
-        The path written. A failed write (a full disk) leaves any existing file untouched and no partial file.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"Concept files are .safetensors, got {path.name!r}.")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors, metadata = file_tensors(concept), file_metadata(concept)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_safetensors(file_tensors(concept), path, file_metadata(concept), overwrite)
 
 
 def read_concept(path: str | os.PathLike[str], name: str | None = None) -> Concept:

@@ -64,6 +64,23 @@ class Host(Protocol):
         to its self-attention's K and V (after the projections), every query seeing them with logit bias
         `mask_bias`. The tensors are used as given, so gradients reach them (CatVersion, METHODS.md §5)."""
 
+    def unet_targets(self, kind: str) -> list[tuple[str, int, int]]:
+        """The UNet's attention projections of `kind` as (weight key, out, in) (tuning encoder, METHODS.md §6)."""
+
+    def wrap_unet_weights(self, offsets: Mapping[str, tuple[Tensor, Tensor]], scale: float) -> None:
+        """From now on, weight `key` is W + scale·up@down for `offsets[key]` = (up [out, r], down [r, in]),
+        differentiably."""
+
+    def set_reference(self, blend: float, vectors: Any) -> None:
+        """Dual path: `loss` then predicts blend·adapted + (1 − blend)·reference, the reference being the UNet
+        without weight offsets conditioned on the same prompts with `vectors()` ({key: [n, d]}) in the slot."""
+
+    def image_features(self, images: Tensor) -> Tensor:
+        """[N, H, W, 3] images → the CLIP vision encoder's penultimate hidden states [N, T, width]."""
+
+    def unet_features(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The UNet encoder's block outputs on the noisy latents, spatially averaged and concatenated [N, C]."""
+
     def loss(self, latents: Tensor, cond: Any, noise: Tensor, timesteps: Tensor, mask: Tensor | None = None) -> Tensor:
         """Per-sample diffusion loss [B] at discrete `timesteps` with ε `noise` (ε- or v-target by model type).
 

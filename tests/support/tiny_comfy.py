@@ -23,6 +23,7 @@ sys.path.insert(0, COMFYUI_PATH)
 from comfy.cli_args import args  # noqa: E402
 
 args.cpu = True
+import comfy.clip_vision  # noqa: E402
 import comfy.model_base  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
@@ -110,6 +111,22 @@ def tiny_vae(seed: int = 2):
     with torch.inference_mode():
         initialise(vae.first_stage_model, seed)
     return vae
+
+
+def tiny_clip_vision(folder, seed: int = 3):
+    """A CLIP_VISION from ComfyUI's ClipVisionModel with a 32-wide, 3-layer ViT (its config written to `folder`)."""
+    import json
+
+    config = dict(hidden_act="quick_gelu", hidden_size=32, image_size=224, intermediate_size=64, layer_norm_eps=1e-5,
+                  model_type="clip_vision_model", num_attention_heads=2, num_channels=3, num_hidden_layers=3,
+                  patch_size=14, projection_dim=16)
+    path = os.path.join(folder, "tiny_clip_vision.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    with torch.inference_mode():
+        vision = comfy.clip_vision.ClipVisionModel(path)
+        initialise(vision.model, seed)
+    return vision
 
 
 def tiny_images(n: int = 4, size: int = 64, seed: int = 0) -> torch.Tensor:

@@ -9,7 +9,7 @@ tc = require_comfyui()
 
 from concept_forge.nodes import paths  # noqa: E402
 from concept_forge.nodes.files import LoadConcept, SaveConcept  # noqa: E402
-from concept_forge.trainers import files  # noqa: E402
+from concept_forge.trainers import atomic  # noqa: E402
 from concept_forge.trainers.concept import Concept  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def test_a_full_disk_reports_and_leaves_nothing_behind(model_folders, monkeypatc
     def disk_full(tensors, filename, metadata=None):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(files, "save_file", disk_full)
+    monkeypatch.setattr(atomic, "save_file", disk_full)
     with pytest.raises(OSError, match="Save Concept: could not write .*No space left on device.*nothing was written"):
         run_node(SaveConcept, concept=ti(), name="", overwrite=False)
     assert list((model_folders / "embeddings").iterdir()) == []

@@ -3,7 +3,7 @@ import pickle
 
 import pytest
 import torch
-from concept_forge.trainers import files
+from concept_forge.trainers import atomic
 from concept_forge.trainers.concept import Concept
 from concept_forge.trainers.files import METADATA_KEY, read_concept, save_concept
 from safetensors import safe_open
@@ -74,7 +74,7 @@ def test_failed_write_leaves_the_old_file_and_no_partial_file(tmp_path, monkeypa
             f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(files, "save_file", disk_full)
+    monkeypatch.setattr(atomic, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         save_concept(sd1_concept(n=2), path, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]

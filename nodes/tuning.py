@@ -1,0 +1,155 @@
+"""Tuning Encoder: one-image personalization in a dozen steps (METHODS.md §6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import comfy.sd
+import folder_paths
+import torch
+from comfy_api.v0_0_2 import io
+
+from ..trainers.concept import Concept, name_problem
+from ..trainers.methods import tuning_encoder as tuning
+from ..trainers.methods.base import init_vectors
+from ..trainers.tuning_encoder import EncoderConfig, TuningEncoder, load_encoder, mismatches
+from .apply import apply_concepts
+from .comfy_host import ATTENTION_PROJECTIONS, ComfyHost
+from .learn import summary
+from .paths import ENCODERS
+from .plot import loss_plot
+from .training import LearnSettings, TrainingOptions, learn
+from .types import CATEGORY, ConceptIO
+
+NODE = "Tuning Encoder"
+NO_ENCODER = "none"
+FEATURE_TIMESTEP = 500  # the noisy latent the UNet features come from: mid-schedule (this pack's choice)
+
+
+def lora_of(concept: Concept) -> dict[str, torch.Tensor]:
+    """A tuning-encoder concept's offsets as stock LoRA tensors (`diffusion_model.<module>.lora_up.weight`, ...)."""
+    return {k.removeprefix("lora."): v for k, v in concept.tensors.items() if k.startswith("lora.")}
+
+
+def model_with_offsets(model: Any, concept: Concept) -> Any:
+    """The MODEL with the concept's offsets as ordinary LoRA patches, exactly as the stock LoraLoader applies them."""
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora_of(concept), 1.0, 0.0)
+    return patched
+
+
+def expected_config(host: ComfyHost, encoder: TuningEncoder, vision: torch.Tensor, unet: torch.Tensor,
+                    targets: str) -> EncoderConfig:
+    c = encoder.config
+    return EncoderConfig(vision.shape[-1], unet.shape[-1], {k: e.width for k, e in host.encoders.items()},
+                         host.unet_targets(targets), c.rank, c.hidden)
+
+
+def predicted(host: ComfyHost, pixels: torch.Tensor, encoder: TuningEncoder, encoder_name: str, class_word: str,
+              options: tuning.Options, seed: int) -> tuning.TunedPrediction:
+    """The encoder's prediction from the first image, as the starting point of the tuning steps."""
+    image = pixels[:1]
+    vision = host.image_features(image)
+    latent = host.encode_images(image)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed)).to(latent)
+    unet = host.unet_features(latent, noise, torch.tensor([FEATURE_TIMESTEP], device=latent.device))
+    problems = mismatches(encoder.config, expected_config(host, encoder, vision, unet, options.targets))
+    if problems:
+        raise ValueError(f"{NODE}: the encoder {encoder_name} does not fit this model: {'; '.join(problems)}. "
+                         "Use an encoder pretrained for this checkpoint type and these targets.")
+    class_embeddings = init_vectors(host, class_word, 0)
+    encoder = encoder.to(host.device)
+    with torch.no_grad():
+        p = encoder(vision, unet, class_embeddings)
+    embeddings = {k: e[0] for k, e in p.embeddings.items()}
+    return tuning.TunedPrediction(host, class_word.strip(), class_embeddings, embeddings, encoder.config.targets,
+                                  [u[0] for u in p.up], p.down, options, encoder_name)
+
+
+class TuningEncoderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ConceptForgeTuningEncoder",
+            display_name=NODE,
+            category=CATEGORY,
+            description="One-image personalization: an encoder predicts a token and LoRA offsets from the image, "
+                        "then a dozen tuning steps refine them.",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL of the checkpoint (SD 1.x, SD 2.x or SDXL)."),
+                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
+                io.Vae.Input("vae", tooltip="The VAE of the same checkpoint."),
+                io.Image.Input("image", tooltip="One image of the concept (more are used for tuning; the first is "
+                               "the one the encoder sees)."),
+                io.String.Input("name", default="my_concept", tooltip="What prompts call the concept: "
+                                "embedding:<name>."),
+                io.String.Input("class_word", default="object", tooltip="The concept's class ('dog', 'mug'); the "
+                                "embedding is predicted near it, and starts at it without encoder weights."),
+                io.Combo.Input("encoder", options=[NO_ENCODER, *folder_paths.get_filename_list(ENCODERS)],
+                               default=NO_ENCODER, tooltip="Pretrained encoder weights from models/concept_encoders. "
+                               "none: start from the class word and zero offsets — then this is a fast LoRA + "
+                               "embedding tuner."),
+                io.Int.Input("tuning_steps", default=12, min=1, max=1000, tooltip="Steps refining the prediction. "
+                             "The paper uses 12 or fewer."),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=0.0001, tooltip="Per-sample "
+                               "learning rate of the tuning steps. 0 uses this pack's default, 0.001 (the paper "
+                               "does not report one)."),
+                io.Combo.Input("targets", options=list(ATTENTION_PROJECTIONS), default="attention q/k/v/out",
+                               tooltip="The UNet projections that get LoRA offsets: q/k/v/out of every attention "
+                               "(default), q/k/v (E4T), or the cross-attention k/v (Custom Diffusion)."),
+                io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank without encoder weights; an "
+                             "encoder brings its own."),
+                io.Float.Input("blend", default=1.0, min=0.0, max=1.0, step=0.05, tooltip="α of the dual path while "
+                               "tuning: α·(soft token, offsets) + (1 − α)·(nearest real word, original weights). 1 "
+                               "turns it off; the paper's value is not reported."),
+                io.Int.Input("resolution", default=0, min=0, max=2048, step=8, tooltip="Tuning resolution; 0 uses "
+                             "the model's own (512 / 768 / 1024)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds the tuning's draws and the offsets' random start."),
+                io.ClipVision.Input("clip_vision", optional=True, tooltip="A CLIP vision model (CLIP Vision Loader); "
+                                    "needed with encoder weights, which read the image through it."),
+            ],
+            outputs=[
+                io.Model.Output("concept_model", display_name="model", tooltip="The MODEL with the LoRA offsets."),
+                io.Clip.Output("concept_clip", display_name="clip", tooltip="The CLIP on which embedding:<name> "
+                               "is the concept."),
+                ConceptIO.Output("concept", display_name="concept", tooltip="Save Concept keeps it (and can "
+                                 "export a stock LoRA and embedding)."),
+                io.Image.Output("loss_plot", display_name="loss_plot", tooltip="The tuning loss per step."),
+            ],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
+        )
+
+    @classmethod
+    def validate_inputs(cls, name: str = "my_concept", class_word: str = "object", **_: Any) -> bool | str:
+        problem = name_problem(name)
+        if problem:
+            return f"{NODE}: {problem}."
+        return True if class_word.strip() else f"{NODE}: class_word is empty; give the concept's class, e.g. 'dog'."
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, name, class_word, encoder, tuning_steps, learning_rate, targets, rank,
+                blend, resolution, seed, clip_vision=None) -> io.NodeOutput:
+        options = tuning.Options(rank=rank, targets=targets, blend=blend)
+        weights = None if encoder == NO_ENCODER else load_encoder(folder_paths.get_full_path_or_raise(ENCODERS,
+                                                                                                       encoder))
+        if weights is not None and clip_vision is None:
+            raise ValueError(f"{NODE}: the encoder {encoder} reads the image through a CLIP vision model; connect "
+                             "a CLIP Vision Loader to clip_vision, or choose encoder none.")
+
+        def build(host: ComfyHost, pixels: torch.Tensor) -> tuning.TunedPrediction:
+            if weights is None:
+                return tuning.build(host, class_word, 0, options, seed)
+            return predicted(host, pixels, weights, encoder, class_word, options, seed)
+
+        settings = LearnSettings(name, class_word, "tuning_encoder", tuning_steps, learning_rate,
+                                 batch_size=len(image), resolution=resolution, seed=seed,
+                                 training=TrainingOptions(checkpoint_every=0), method_options=options)
+        learned = learn(model, clip, vae, image, None, settings, cls.hidden.unique_id, cls.hidden.prompt, node=NODE,
+                        build=build, clip_vision=clip_vision)
+        concept = learned.concept
+        plot = loss_plot(learned.result.losses, f"{name} · tuning encoder · loss per step")
+        return io.NodeOutput(model_with_offsets(model, concept), apply_concepts(clip, [concept], NODE), concept, plot,
+                             ui={"text": [summary(learned)], "loss": learned.result.losses})
+
+
+NODES = [TuningEncoderNode]

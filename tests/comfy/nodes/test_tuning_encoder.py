@@ -1,0 +1,110 @@
+"""The tuning encoder through ComfyUI: identity at zero, tuning lowers the loss, the exported LoRA reproduces it."""
+
+import pytest
+import torch
+from comfy_tier import require_comfyui, run_node, ui_text
+
+tc = require_comfyui()
+
+import folder_paths  # noqa: E402
+
+from concept_forge.nodes.apply import apply_concepts  # noqa: E402
+from concept_forge.nodes.comfy_host import ComfyHost  # noqa: E402
+from concept_forge.nodes.files import SaveConcept  # noqa: E402
+from concept_forge.nodes.tuning import FEATURE_TIMESTEP, TuningEncoderNode, model_with_offsets  # noqa: E402
+from concept_forge.trainers.loop import LoopOptions, TrainingSet, train  # noqa: E402
+from concept_forge.trainers.methods import tuning_encoder as tuning  # noqa: E402
+from concept_forge.trainers.templates import OBJECT_TEMPLATES  # noqa: E402
+from concept_forge.trainers.tuning_encoder import EncoderConfig, TuningEncoder, save_encoder  # noqa: E402
+
+
+def unet_output(model, cond, seed=0):
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        import comfy.model_management as mm
+        mm.load_models_gpu([model])
+        return model.model.apply_model(x, torch.tensor([2.0]), c_crossattn=cond)
+
+
+def encode(clip, text):
+    with torch.inference_mode():
+        return clip.encode_from_tokens(clip.tokenize(text))
+
+
+def untrained(arch="sd1"):
+    model, clip, vae = tc.tiny_model(arch), tc.tiny_clip(arch), tc.tiny_vae()
+    with torch.inference_mode(False), torch.enable_grad(), ComfyHost(model, clip, vae, arch) as host:
+        concept = tuning.build(host, "dog", 0, tuning.Options(), seed=0).to_concept("pup", arch, {})
+    return model, clip, concept
+
+
+def test_zero_offsets_and_the_class_word_leave_model_and_clip_exactly_as_they_were():
+    model, clip, concept = untrained()
+    cond = encode(clip, "a photo of a dog")
+    assert torch.equal(encode(apply_concepts(clip, [concept], "test"), "a photo of a embedding:pup"), cond)
+    assert torch.equal(unet_output(model_with_offsets(model, concept), cond), unet_output(model, cond))
+    # (up, down, alpha) × q/k/v/out × (attn1, attn2) × the tiny UNet's 7 transformer blocks
+    assert len(concept.tensors) == 3 * 4 * 2 * 7
+
+
+def test_twelve_tuning_steps_lower_the_heldout_loss():
+    model, clip, vae = tc.tiny_model("sd1"), tc.tiny_clip("sd1"), tc.tiny_vae()
+    with torch.inference_mode(False), torch.enable_grad(), ComfyHost(model, clip, vae, "sd1") as host:
+        method = tuning.build(host, "dog", 0, tuning.Options(), seed=0)
+        result = train(method, host, TrainingSet(tc.tiny_images(1), list(OBJECT_TEMPLATES)),
+                       LoopOptions(steps=12, learning_rate=3e-3, batch_size=1, heldout_draws=16))
+    assert result.heldout_after < result.heldout_before
+
+
+def tuning_inputs(**overrides):
+    inputs = dict(model=tc.tiny_model("sd1"), clip=tc.tiny_clip("sd1"), vae=tc.tiny_vae(), image=tc.tiny_images(1),
+                  name="pup", class_word="dog", encoder="none", tuning_steps=3, learning_rate=0.0,
+                  targets="attention q/k/v/out", rank=2, blend=1.0, resolution=64, seed=0)
+    return {**inputs, **overrides}
+
+
+def test_the_exported_lora_loaded_by_the_stock_loader_reproduces_the_nodes_model(model_folders):
+    import nodes
+
+    loras = model_folders / "loras"
+    folder_paths.folder_names_and_paths["loras"] = ([str(loras)], folder_paths.supported_pt_extensions)
+    inputs = tuning_inputs()
+    out = run_node(TuningEncoderNode, **inputs)
+    tuned_model, tuned_clip, concept, _ = out.args
+    assert "No encoder weights: started from the class word 'dog'" in ui_text(out)
+    saved = run_node(SaveConcept, concept=concept, name="", overwrite=False, export_stock_files=True)
+    assert "loras/pup.safetensors (Load LoRA)" in ui_text(saved)
+    folder_paths.filename_list_cache.clear()
+    with torch.inference_mode():
+        stock_model, _ = nodes.LoraLoader().load_lora(inputs["model"], inputs["clip"], "pup.safetensors", 1.0, 0.0)
+    cond = encode(tuned_clip, "a photo of embedding:pup")
+    ours, stock = unet_output(tuned_model, cond), unet_output(stock_model, cond)
+    assert (ours - stock).abs().max() < 1e-4 and (ours - unet_output(inputs["model"], cond)).abs().max() > 1e-6
+    stock_clip = tc.tiny_clip("sd1", embedding_directory=str(model_folders / "embeddings"))
+    assert torch.allclose(encode(stock_clip, "a photo of embedding:pup"), cond, atol=1e-5)
+
+
+def test_an_encoder_predicts_the_start_and_a_mismatched_one_is_refused(model_folders, tmp_path):
+    vision = tc.tiny_clip_vision(str(tmp_path))
+    model, clip, vae = tc.tiny_model("sd1"), tc.tiny_clip("sd1"), tc.tiny_vae()
+    with torch.inference_mode(False), torch.enable_grad(), ComfyHost(model, clip, vae, "sd1", clip_vision=vision) as host:
+        latent = host.encode_images(tc.tiny_images(1))
+        unet = host.unet_features(latent, torch.randn(latent.shape), torch.tensor([FEATURE_TIMESTEP]))
+        features = host.image_features(tc.tiny_images(1))
+        config = EncoderConfig(features.shape[-1], unet.shape[-1], {"l": 32}, host.unet_targets("attention q/k/v"),
+                               rank=2, hidden=16)
+    encoder = TuningEncoder(config, seed=1)
+    with torch.no_grad():
+        for head in [*encoder.embedding_heads.values(), encoder.scale_head]:
+            head.weight.normal_(0, 0.5)
+    folder = model_folders / "concept_encoders"
+    save_encoder(encoder, folder / "tiny.safetensors")
+    folder_paths.filename_list_cache.clear()
+    out = run_node(TuningEncoderNode, **tuning_inputs(model=model, clip=clip, vae=vae, encoder="tiny.safetensors",
+                                                      targets="attention q/k/v", clip_vision=vision, tuning_steps=2))
+    assert "Started from the encoder tiny.safetensors." in ui_text(out)
+    with pytest.raises(ValueError, match="Tuning Encoder: the encoder tiny.safetensors does not fit this model: 42 "
+                                         "LoRA targets \\(the model has 56 of this kind\\)"):
+        run_node(TuningEncoderNode, **tuning_inputs(encoder="tiny.safetensors", clip_vision=vision))
+    with pytest.raises(ValueError, match="connect a CLIP Vision Loader"):
+        run_node(TuningEncoderNode, **tuning_inputs(encoder="tiny.safetensors"))

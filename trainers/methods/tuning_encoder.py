@@ -1,0 +1,118 @@
+"""Tuning a tuning encoder's prediction for ≤ 12 steps (METHODS.md §6): the token embedding and the LoRA offsets.
+
+The parameters start at the encoder's prediction — or, without encoder weights, at the class word's rows and
+zero offsets (up = 0, down random, as LoRA initialises), which makes this a fast LoRA + embedding tuner. The
+offsets act on the UNet through the host's differentiable weight wrappers. With `blend` < 1 the loss uses the
+dual path of METHODS.md §6.2: blend·(soft embedding, W + ΔW) + (1 − blend)·(nearest hard token, W).
+Choices the paper does not report (learning rate, blend, penalty, targets) are this pack's, marked as such.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..concept import Arch, Concept, Method, cpu_float
+from ..host import Host
+from ..tuning_encoder import nearest_tokens
+from .base import init_vectors
+
+Targets = Literal["attention q/k/v/out", "attention q/k/v", "cross-attention k/v"]
+
+
+@dataclass(frozen=True)
+class Options:
+    learning_rate: float = 1e-3   # per sample (this pack's choice; the paper's tuning lr is not reported)
+    steps: int = 12               # "12 or fewer training steps" (DATE, Fig. 1)
+    flip_p: float = 0.0           # one image: its flip would be a second concept view the paper does not use
+    rank: int = 4                 # LoRA rank without encoder weights (with them, the encoder's rank)
+    targets: Targets = "attention q/k/v/out"  # the issue's default; E4T offsets q/k/v only
+    blend: float = 1.0            # α of the dual path; 1 = the adapted path only (the paper's α is not reported)
+    offset_penalty: float = 1e-4  # λ·‖e − E[class]‖², E4T's tuning-time default
+    weight_decay: float = 0.0
+
+
+def lora_key(weight_key: str) -> str:
+    """`diffusion_model.<module>.weight` → the stock LoRA prefix `diffusion_model.<module>` (ComfyUI reads it)."""
+    return weight_key.removesuffix(".weight")
+
+
+class TunedPrediction:
+    """The tuning encoder's tunable state: embeddings per encoder and (up, down) per target layer."""
+
+    name: Method = "tuning_encoder"
+
+    def __init__(self, host: Host, class_word: str, class_embeddings: Mapping[str, Tensor],
+                 embeddings: Mapping[str, Tensor], targets: Sequence[tuple[str, int, int]], ups: Sequence[Tensor],
+                 downs: Sequence[Tensor], options: Options = Options(), encoder: str | None = None):
+        self.options, self.class_word, self.encoder = options, class_word, encoder
+        self.class_embeddings = {k: v.detach().float().to(host.device) for k, v in class_embeddings.items()}
+        self.embeddings = {k: torch.nn.Parameter(v.detach().float().clone().to(host.device))
+                           for k, v in embeddings.items()}
+        self.targets = list(targets)
+        self.ups = [torch.nn.Parameter(u.detach().float().clone().to(host.device)) for u in ups]
+        self.downs = [torch.nn.Parameter(d.detach().float().clone().to(host.device)) for d in downs]
+        self.rank = self.downs[0].shape[0] if self.downs else options.rank
+        host.wrap_unet_weights({key: (up, down) for (key, _, _), up, down in
+                                zip(self.targets, self.ups, self.downs, strict=True)}, scale=1.0)
+        if options.blend < 1:
+            tables = {k: host.vocabulary(k) for k in self.embeddings}
+
+            def hard_tokens() -> dict[str, Tensor]:
+                return {k: tables[k][nearest_tokens(e.detach(), tables[k])[:, 0]].to(e) for k, e in
+                        self.embeddings.items()}
+
+            host.set_reference(options.blend, hard_tokens)
+
+    def vectors(self) -> dict[str, Tensor]:
+        return dict(self.embeddings)
+
+    def parameters(self) -> list[Tensor]:
+        return [*self.embeddings.values(), *self.ups, *self.downs]
+
+    def regularizer(self) -> Tensor | None:
+        if not self.options.offset_penalty:
+            return None
+        return self.options.offset_penalty * sum(((e - self.class_embeddings[k]) ** 2).sum()
+                                                 for k, e in self.embeddings.items())  # type: ignore[return-value]
+
+    def optimizer(self, learning_rate: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, weight_decay=self.options.weight_decay)
+
+    def lora_state_dict(self) -> dict[str, Tensor]:
+        """The offsets as a stock LoRA file's tensors: W' = W + (alpha / rank)·up@down with alpha = rank."""
+        out = {}
+        for (key, _, _), up, down in zip(self.targets, self.ups, self.downs, strict=True):
+            prefix = lora_key(key)
+            out[f"{prefix}.lora_up.weight"] = cpu_float(up)
+            out[f"{prefix}.lora_down.weight"] = cpu_float(down)
+            out[f"{prefix}.alpha"] = torch.tensor(float(self.rank))
+        return out
+
+    def report(self) -> list[str]:
+        numbers = sum(u.numel() + d.numel() for u, d in zip(self.ups, self.downs, strict=True))
+        start = (f"Started from the encoder {self.encoder}." if self.encoder else
+                 f"No encoder weights: started from the class word '{self.class_word}' and zero offsets "
+                 "(a fast LoRA + embedding tuner).")
+        return [start, f"LoRA rank {self.rank} on {len(self.targets)} attention projections ({numbers} numbers)."]
+
+    def to_concept(self, name: str, arch: Arch, provenance: Mapping[str, Any]) -> Concept:
+        o = self.options
+        state = {"class_word": self.class_word, "rank": self.rank, "targets": o.targets, "layers": len(self.targets),
+                 "blend": o.blend, "encoder": self.encoder}
+        return Concept(name=name, method="tuning_encoder", arch=arch, state=state, provenance=dict(provenance),
+                       vectors={k: cpu_float(v) for k, v in self.embeddings.items()},
+                       tensors={f"lora.{k}": v for k, v in self.lora_state_dict().items()})
+
+
+def build(host: Host, init_word: str, num_vectors: int, options: Options, seed: int = 0) -> TunedPrediction:
+    """Without encoder weights: the class word's rows, zero offsets (up = 0) and a seeded random down."""
+    class_embeddings = init_vectors(host, init_word, num_vectors)
+    targets = host.unet_targets(options.targets)
+    g = torch.Generator().manual_seed(seed)
+    ups = [torch.zeros(out, options.rank) for _, out, _ in targets]
+    downs = [torch.randn(options.rank, i, generator=g) / i ** 0.5 for _, _, i in targets]
+    return TunedPrediction(host, init_word.strip(), class_embeddings, class_embeddings, targets, ups, downs, options)
