@@ -84,10 +84,10 @@ class TuningEncoder(nn.Module):
                                           for _, _, i in c.targets)
         self.lora_up = nn.ParameterList(nn.Parameter(torch.randn(o, c.rank, generator=g) / c.rank ** 0.5)
                                         for _, o, _ in c.targets)
-        with torch.no_grad():  # zero heads: an untrained encoder predicts the class word and no offsets
-            for head in [*self.embedding_heads.values(), self.scale_head]:
-                head.weight.zero_()
-                head.bias.zero_()
+        heads: list[nn.Linear] = [*self.embedding_heads.values(), self.scale_head]  # type: ignore[list-item]
+        for head in heads:  # zero heads: an untrained encoder predicts the class word and no offsets
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
 
     def forward(self, vision: Tensor, unet: Tensor, class_embeddings: Mapping[str, Tensor]) -> Prediction:
         """
