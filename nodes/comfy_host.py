@@ -152,22 +152,28 @@ ATTENTION_PROJECTIONS = {  # the tuning encoder's LoRA targets, by option
 PROJECTION = re.compile(r"(?:^|\.)(attn[12])\.(to_q|to_k|to_v|to_out\.0)$")  # a BasicTransformerBlock's
 
 
-class Switch:
-    """Shared on/off for the weight offsets: the dual path's reference pass runs without them."""
+class Offsets:
+    """The weight offsets' current factors, shared by their wrappers: replacing a factor (pretraining predicts new
+    ones for every image) needs no reload, and `enabled` turns them all off for the dual path's reference pass."""
 
-    enabled = True
+    def __init__(self) -> None:
+        self.enabled = True
+        self.scale = 1.0
+        self.factors: dict[str, tuple[Tensor, Tensor]] = {}  # weight key → (up [out, r], down [r, in])
 
 
 class LoraDelta:
-    """A weight wrapper: W + scale·up@down while the switch is on (COMFYUI.md §2.5), differentiable in up and down."""
+    """A weight wrapper: W + scale·up@down (COMFYUI.md §2.5), differentiable in up and down."""
 
-    def __init__(self, up: Tensor, down: Tensor, scale: float, switch: Switch):
-        self.up, self.down, self.scale, self.switch = up, down, scale, switch
+    def __init__(self, key: str, offsets: Offsets):
+        self.key, self.offsets = key, offsets
 
     def __call__(self, weight: Tensor) -> Tensor:
-        if not self.switch.enabled:
+        factors = self.offsets.factors.get(self.key)
+        if not self.offsets.enabled or factors is None:
             return weight
-        return weight + (self.scale * (self.up @ self.down)).to(weight)
+        up, down = factors
+        return weight + (self.offsets.scale * (up @ down)).to(weight)
 
 
 def _out_of_place_layer_forward(layer: torch.nn.Module) -> Callable[..., Tensor]:
@@ -215,7 +221,7 @@ class ComfyHost:
         self.arch = arch
         self.vae = vae
         self.clip_vision = clip_vision
-        self._offsets = Switch()
+        self._offsets = Offsets()
         self._reference: tuple[float, Callable[[], Mapping[str, Tensor]]] | None = None
         self.model = model.clone()
         self.clip = clip.clone()
@@ -358,9 +364,11 @@ class ComfyHost:
         return targets
 
     def wrap_unet_weights(self, offsets: Mapping[str, tuple[Tensor, Tensor]], scale: float) -> None:
-        for key, (up, down) in offsets.items():
-            self.model.add_weight_wrapper(key, LoraDelta(up, down, scale, self._offsets))
-        self._loaded = False  # wrappers are installed when the model loads
+        for key in offsets.keys() - self._offsets.factors.keys():
+            self.model.add_weight_wrapper(key, LoraDelta(key, self._offsets))
+            self._loaded = False  # new wrappers are installed when the model loads
+        self._offsets.factors.update(offsets)
+        self._offsets.scale = scale
 
     def set_reference(self, blend: float, vectors: Callable[[], Mapping[str, Tensor]]) -> None:
         self._reference = (blend, vectors)
@@ -386,7 +394,11 @@ class ComfyHost:
         options = self.model.model_options.get("transformer_options", {})
         patches = {**options.get("patches", {})}
         patches["input_block_patch"] = [*patches.get("input_block_patch", []), capture]
-        self._predict(latents, empty, noise, timesteps, {**options, "patches": patches})
+        self._offsets.enabled = False  # the features describe the image to the base UNet, without any offsets
+        try:
+            self._predict(latents, empty, noise, timesteps, {**options, "patches": patches})
+        finally:
+            self._offsets.enabled = True
         return torch.cat(blocks, dim=-1)
 
     def encode_images(self, images: Tensor) -> Tensor:

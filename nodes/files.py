@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import folder_paths
-
 from comfy_api.v0_0_2 import io, ui
 
-from ..trainers.concept import Concept, name_problem
 from ..trainers.atomic import write_safetensors
+from ..trainers.concept import Concept, name_problem
 from ..trainers.files import read_concept, save_concept
 from .paths import display_path, file_choices, resolve_choice, target_path
 from .tuning import lora_of

@@ -30,6 +30,7 @@ LEARN = "ConceptForgeLearnConcept"
 # --demo: what makes the example workflows finish in about a minute on a CPU with the demo checkpoint
 DEMO_SETTINGS = {
     LEARN: {"steps": 20, "resolution": 64, "batch_size": 2},
+    "ConceptForgeTuningEncoder": {"tuning_steps": 4, "resolution": 64},
     "EmptyLatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 4},
 }

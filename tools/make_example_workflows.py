@@ -97,13 +97,14 @@ def image_batch(g: Graph, names: list[str], x: int, y: int) -> int:
     return loaded[0]
 
 
-def generate(g: Graph, ckpt: int, clip: tuple[int, int], text: str, x: int, y: int, prefix: str) -> None:
+def generate(g: Graph, ckpt: int, clip: tuple[int, int], text: str, x: int, y: int, prefix: str,
+             model: tuple[int, int] | None = None) -> None:
     """Text → image with the stock nodes: two prompts, an empty latent, KSampler, decode and save."""
     positive = g.node("CLIPTextEncode", (x, y), clip=clip, text=text)
     negative = g.node("CLIPTextEncode", (x, y + 200), clip=clip, text="blurry, low quality")
     latent = g.node("EmptyLatentImage", (x, y + 400), width=512, height=512, batch_size=1)
-    sampled = g.node("KSampler", (x + 440, y), model=(ckpt, 0), positive=(positive, 0), negative=(negative, 0),
-                     latent_image=(latent, 0), seed=42, steps=25, cfg=7.0, scheduler="normal")
+    sampled = g.node("KSampler", (x + 440, y), model=model or (ckpt, 0), positive=(positive, 0),
+                     negative=(negative, 0), latent_image=(latent, 0), seed=42, steps=25, cfg=7.0, scheduler="normal")
     decoded = g.node("VAEDecode", (x + 800, y), samples=(sampled, 0), vae=(ckpt, 2))
     g.node("SaveImage", (x + 800, y + 120), images=(decoded, 0), filename_prefix=prefix)
 
@@ -208,6 +209,28 @@ def concept_tools(g: Graph) -> None:
     generate(g, ckpt, (clip, 0), "a photo of embedding:my_dog on the beach", 1260, 20, "concept_forge/my_dog_loaded")
 
 
+ONE_IMAGE_NOTE = """## One image, a dozen steps
+
+Tuning Encoder learns a concept from a single photo: an encoder predicts a token and LoRA offsets for the UNet,
+then 12 tuning steps refine them. Without encoder weights (encoder: none) it starts from the class word and zero
+offsets — a fast LoRA + embedding tuner. With weights pretrained by `tools/pretrain_encoder.py` (in
+models/concept_encoders), connect a CLIP Vision Loader to clip_vision.
+
+Use both outputs: the MODEL carries the offsets, the CLIP the token. Save Concept with export_stock_files also
+writes a stock LoRA and embedding."""
+
+
+def one_image_personalization(g: Graph) -> None:
+    g.note(ONE_IMAGE_NOTE, (20, 20))
+    ckpt = g.node("CheckpointLoaderSimple", (20, 310), ckpt_name="v1-5-pruned-emaonly-fp16.safetensors")
+    image = g.node("LoadImage", (450, 20), image="my_dog.png")
+    tuned = g.node("ConceptForgeTuningEncoder", (820, 20), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2),
+                   image=(image, 0), name="my_dog_1shot", class_word="dog")
+    g.node("ConceptForgeSaveConcept", (820, 720), concept=(tuned, 2), export_stock_files=True)
+    generate(g, ckpt, (tuned, 1), "a photo of embedding:my_dog_1shot on the beach", 1220, 20,
+             "concept_forge/my_dog_1shot", model=(tuned, 0))
+
+
 def concept_slerp(g: Graph) -> None:
     g.note("## Blend two concepts\n\nTwo DTI concepts are learned, then Concept Slerp turns one into the other "
            "along the sphere: t = 0, 0.25, 0.5, 0.75 and 1 give the row of images, all with the same seed.\n\n"
@@ -242,7 +265,7 @@ def concept_slerp(g: Graph) -> None:
 WORKFLOWS = {"learn_concept_ti": learn_concept_ti, "learn_concept_dti": learn_concept_dti,
              "learn_concept_batex": learn_concept_batex,
              "learn_concept_catversion": learn_concept_catversion, "concept_slerp": concept_slerp,
-             "concept_tools": concept_tools}
+             "concept_tools": concept_tools, "one_image_personalization": one_image_personalization}
 
 
 def thumbnail(workflow: dict[str, Any], path: Path) -> None:

@@ -69,7 +69,7 @@ class Host(Protocol):
 
     def wrap_unet_weights(self, offsets: Mapping[str, tuple[Tensor, Tensor]], scale: float) -> None:
         """From now on, weight `key` is W + scale·up@down for `offsets[key]` = (up [out, r], down [r, in]),
-        differentiably."""
+        differentiably. Calling it again with the same keys swaps the factors."""
 
     def set_reference(self, blend: float, vectors: Any) -> None:
         """Dual path: `loss` then predicts blend·adapted + (1 − blend)·reference, the reference being the UNet

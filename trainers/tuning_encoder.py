@@ -71,19 +71,18 @@ class Prediction:
 class TuningEncoder(nn.Module):
     def __init__(self, config: EncoderConfig, seed: int = 0):
         super().__init__()
-        self.config = config
-        c = config
-        g = torch.Generator().manual_seed(seed)
-        self.vision = nn.Sequential(nn.LayerNorm(c.vision_width), nn.Linear(c.vision_width, c.hidden))
-        self.unet = nn.Sequential(nn.LayerNorm(c.unet_width), nn.Linear(c.unet_width, c.hidden))
-        self.trunk = nn.Sequential(nn.GELU(), nn.Linear(2 * c.hidden, c.hidden), nn.GELU(),
-                                   nn.Linear(c.hidden, c.hidden))
-        self.embedding_heads = nn.ModuleDict({k: nn.Linear(c.hidden, w) for k, w in c.text_widths.items()})
-        self.scale_head = nn.Linear(c.hidden, len(c.targets) * c.rank)
-        self.lora_down = nn.ParameterList(nn.Parameter(torch.randn(c.rank, i, generator=g) / i ** 0.5)
-                                          for _, _, i in c.targets)
-        self.lora_up = nn.ParameterList(nn.Parameter(torch.randn(o, c.rank, generator=g) / c.rank ** 0.5)
-                                        for _, o, _ in c.targets)
+        self.config = c = config
+        with torch.random.fork_rng(devices=[]):  # every initial weight from `seed`, not the global stream
+            torch.manual_seed(seed)
+            self.vision = nn.Sequential(nn.LayerNorm(c.vision_width), nn.Linear(c.vision_width, c.hidden))
+            self.unet = nn.Sequential(nn.LayerNorm(c.unet_width), nn.Linear(c.unet_width, c.hidden))
+            self.trunk = nn.Sequential(nn.GELU(), nn.Linear(2 * c.hidden, c.hidden), nn.GELU(),
+                                       nn.Linear(c.hidden, c.hidden))
+            self.embedding_heads = nn.ModuleDict({k: nn.Linear(c.hidden, w) for k, w in c.text_widths.items()})
+            self.scale_head = nn.Linear(c.hidden, len(c.targets) * c.rank)
+            self.lora_down = nn.ParameterList(nn.Parameter(torch.randn(c.rank, i) / i ** 0.5) for _, _, i in c.targets)
+            self.lora_up = nn.ParameterList(nn.Parameter(torch.randn(o, c.rank) / c.rank ** 0.5)
+                                            for _, o, _ in c.targets)
         heads: list[nn.Linear] = [*self.embedding_heads.values(), self.scale_head]  # type: ignore[list-item]
         for head in heads:  # zero heads: an untrained encoder predicts the class word and no offsets
             nn.init.zeros_(head.weight)
@@ -94,14 +93,19 @@ class TuningEncoder(nn.Module):
         Args:
             vision (`Tensor`): [B, T, vision_width] CLIP vision penultimate hidden states.
             unet (`Tensor`): [B, unet_width] spatially averaged UNet input-block outputs.
-            class_embeddings (`Mapping[str, Tensor]`): per encoder the class word's rows [n, d].
+            class_embeddings (`Mapping[str, Tensor]`): per encoder the class word's rows, [n, d] for the whole
+                batch or [B, n, d] per image.
         """
         h = self.trunk(torch.cat([self.vision(vision).mean(dim=1), self.unet(unet)], dim=-1))       # [B, hidden]
         offsets = {k: head(h) for k, head in self.embedding_heads.items()}                           # [B, d]
-        embeddings = {k: class_embeddings[k][None] + EMBED_SCALE * offsets[k][:, None] for k in offsets}
+        embeddings = {k: _batched(class_embeddings[k]) + EMBED_SCALE * offsets[k][:, None] for k in offsets}
         scales = self.scale_head(h).view(len(h), len(self.config.targets), self.config.rank)         # [B, L, r]
         up = [b[None] * scales[:, i, None, :] for i, b in enumerate(self.lora_up)]                  # [B, out, r]
         return Prediction(embeddings, up, list(self.lora_down), offsets)
+
+
+def _batched(rows: Tensor) -> Tensor:
+    return rows if rows.dim() == 3 else rows[None]
 
 
 def nearest_tokens(embeddings: Tensor, table: Tensor, k: int = 1) -> Tensor:

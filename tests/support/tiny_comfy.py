@@ -120,7 +120,7 @@ def tiny_clip_vision(folder, seed: int = 3):
     config = dict(hidden_act="quick_gelu", hidden_size=32, image_size=224, intermediate_size=64, layer_norm_eps=1e-5,
                   model_type="clip_vision_model", num_attention_heads=2, num_channels=3, num_hidden_layers=3,
                   patch_size=14, projection_dim=16)
-    path = os.path.join(folder, "tiny_clip_vision.json")
+    path = os.path.join(folder, f"tiny_clip_vision.{os.getpid()}.json")  # processes of one run each write theirs
     with open(path, "w") as f:
         json.dump(config, f)
     with torch.inference_mode():

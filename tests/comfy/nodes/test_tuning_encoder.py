@@ -7,7 +7,6 @@ from comfy_tier import require_comfyui, run_node, ui_text
 tc = require_comfyui()
 
 import folder_paths  # noqa: E402
-
 from concept_forge.nodes.apply import apply_concepts  # noqa: E402
 from concept_forge.nodes.comfy_host import ComfyHost  # noqa: E402
 from concept_forge.nodes.files import SaveConcept  # noqa: E402
@@ -87,7 +86,8 @@ def test_the_exported_lora_loaded_by_the_stock_loader_reproduces_the_nodes_model
 def test_an_encoder_predicts_the_start_and_a_mismatched_one_is_refused(model_folders, tmp_path):
     vision = tc.tiny_clip_vision(str(tmp_path))
     model, clip, vae = tc.tiny_model("sd1"), tc.tiny_clip("sd1"), tc.tiny_vae()
-    with torch.inference_mode(False), torch.enable_grad(), ComfyHost(model, clip, vae, "sd1", clip_vision=vision) as host:
+    training = torch.inference_mode(False), torch.enable_grad()
+    with training[0], training[1], ComfyHost(model, clip, vae, "sd1", clip_vision=vision) as host:
         latent = host.encode_images(tc.tiny_images(1))
         unet = host.unet_features(latent, torch.randn(latent.shape), torch.tensor([FEATURE_TIMESTEP]))
         features = host.image_features(tc.tiny_images(1))

@@ -1,0 +1,137 @@
+"""The tuning encoder's pretraining as a command-line program, on one process or many (torchrun, DDP).
+
+    torchrun --nproc_per_node 2 tools/pretrain_encoder.py --comfyui /path/to/ComfyUI \\
+        --checkpoint v1-5-pruned-emaonly.safetensors --clip-vision CLIP-ViT-H-14.safetensors \\
+        --data /path/to/images --run-dir runs/dogs --steps 20000 --out dogs_encoder
+
+`--data` holds one folder per class word (`dog/`, `mug/`, ...) or a `captions.txt` of `<image>\\t<class word>`.
+Each process encodes its shard of the images once (VAE latents, CLIP vision features), then trains; rank 0
+writes checkpoints and the loss log to --run-dir, and a rerun of the same command resumes from them. The result
+goes to models/concept_encoders/<out>.safetensors, where the Tuning Encoder node lists it. GPUs: one process per
+GPU (each sees only its own); CPUs: the gloo backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..trainers.data import prepare_images
+from ..trainers.encoder_pretrain import Example, PretrainOptions, pretrain, read_folder, shard
+from ..trainers.host import Host
+from ..trainers.tuning_encoder import EncoderConfig, TuningEncoder
+
+PROBE_TIMESTEP = 500
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="pretrain_encoder.py", description="Pretrain the Tuning Encoder.")
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI folder ($COMFYUI_PATH)")
+    ap.add_argument("--checkpoint", required=True, help="a checkpoint file (path, or a name in models/checkpoints)")
+    ap.add_argument("--clip-vision", required=True, help="a CLIP vision file (path, or a name in models/clip_vision)")
+    ap.add_argument("--data", type=Path, required=True, help="image folder: one subfolder per class word")
+    ap.add_argument("--run-dir", type=Path, required=True, help="checkpoints and the loss log; reruns resume here")
+    ap.add_argument("--out", default="", help="name of the encoder file in models/concept_encoders (none: keep it "
+                    "only in the run dir)")
+    ap.add_argument("--steps", type=int, default=20000)
+    ap.add_argument("--batch-size", type=int, default=4, help="images per process per step")
+    ap.add_argument("--learning-rate", type=float, default=1e-4)
+    ap.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    ap.add_argument("--hidden", type=int, default=256, help="width of the encoder's trunk")
+    ap.add_argument("--targets", default="attention q/k/v/out")
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--checkpoint-every", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def encoder_for(host: Host, vision: torch.Tensor, latent: torch.Tensor, targets: str, rank: int, hidden: int,
+                seed: int) -> TuningEncoder:
+    """A new encoder shaped for this model: its feature widths come from one probe image."""
+    noise = torch.zeros_like(latent)
+    unet = host.unet_features(latent, noise, torch.tensor([PROBE_TIMESTEP], device=latent.device))
+    config = EncoderConfig(vision.shape[-1], unet.shape[-1], {k: e.width for k, e in host.encoders.items()},
+                           host.unet_targets(targets), rank, hidden)
+    return TuningEncoder(config, seed)
+
+
+def examples_from(host: Host, pairs: list[tuple[Path, str]], resolution: int) -> list[Example]:
+    """Encode each image once: its VAE latent and its CLIP vision features."""
+    import numpy as np
+    from PIL import Image
+
+    examples = []
+    for path, word in pairs:
+        image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)[None]
+        pixels = prepare_images(image, resolution)
+        examples.append(Example(host.encode_images(pixels)[0], host.image_features(pixels)[0], word))
+    return examples
+
+
+def train_on_folder(host: Host, args: argparse.Namespace, rank: int, world: int) -> TuningEncoder:
+    """Everything but the models' loading: the shard, its examples, the encoder, the run."""
+    pairs = read_folder(args.data)
+    mine = [pairs[i] for i in shard(len(pairs), rank, world)]
+    examples = examples_from(host, mine, args.resolution)
+    encoder = encoder_for(host, examples[0].vision[None], examples[0].latent[None], args.targets, args.rank,
+                          args.hidden, args.seed).to(host.device)
+    options = PretrainOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                              checkpoint_every=args.checkpoint_every, seed=args.seed)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    return pretrain(host, encoder, examples, options, args.run_dir, rank, world,
+                    log=lambda line: print(f"[rank {rank}] {line}", flush=True))
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size), joining the torchrun group when there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), world
+    return 0, 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.comfyui or not Path(args.comfyui, "comfy", "sd.py").is_file():
+        print("No ComfyUI found: pass --comfyui PATH or set COMFYUI_PATH.")
+        return 2
+    from .headless import bootstrap
+
+    bootstrap(args.comfyui, Path(args.comfyui), cpu=False)
+    import comfy.clip_vision
+    import comfy.sd
+    import folder_paths
+
+    from .comfy_host import ComfyHost, detect_arch
+    from .paths import ENCODERS, register_model_folders
+
+    rank, world = distributed()
+    register_model_folders()
+    checkpoint = _model_file("checkpoints", args.checkpoint, folder_paths)
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        checkpoint, embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    clip_vision = comfy.clip_vision.load(_model_file("clip_vision", args.clip_vision, folder_paths))
+    arch = detect_arch(model, clip, "pretrain_encoder")
+    with torch.inference_mode(False), torch.enable_grad():
+        with ComfyHost(model, clip, vae, arch, clip_vision=clip_vision) as host:
+            encoder = train_on_folder(host, args, rank, world)
+    if rank == 0 and args.out:
+        from ..trainers.tuning_encoder import save_encoder
+
+        out = Path(folder_paths.get_folder_paths(ENCODERS)[0]) / f"{args.out}.safetensors"
+        save_encoder(encoder, out, {"checkpoint": Path(checkpoint).name})
+        print(f"wrote {out}")
+    return 0
+
+
+def _model_file(folder: str, name: str, folder_paths: Any) -> str:
+    if os.path.isfile(name):
+        return name
+    return str(folder_paths.get_full_path_or_raise(folder, name))

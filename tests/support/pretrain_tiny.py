@@ -1,0 +1,33 @@
+"""torchrun entry for the pretraining test: the tuning encoder on tiny ComfyUI models, one shard per process."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+import conftest  # noqa: E402,F401 — registers the package as concept_forge
+import tiny_comfy as tc  # noqa: E402
+import torch  # noqa: E402
+from concept_forge.nodes.comfy_host import ComfyHost  # noqa: E402
+from concept_forge.nodes.encoder_pretraining import distributed, train_on_folder  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--data", type=Path)
+parser.add_argument("--run-dir", type=Path)
+parser.add_argument("--steps", type=int)
+parser.add_argument("--checkpoint-every", type=int, default=2)
+ns = parser.parse_args()
+args = argparse.Namespace(data=ns.data, run_dir=ns.run_dir, steps=ns.steps, checkpoint_every=ns.checkpoint_every,
+                          batch_size=2, learning_rate=1e-3, rank=2, hidden=16, targets="cross-attention k/v",
+                          resolution=64, seed=3)
+rank, world = distributed()
+torch.set_num_threads(1)
+vision = tc.tiny_clip_vision(str(ns.run_dir.parent))
+with torch.inference_mode(False), torch.enable_grad():
+    with ComfyHost(tc.tiny_model("sd1"), tc.tiny_clip("sd1"), tc.tiny_vae(), "sd1", clip_vision=vision) as host:
+        train_on_folder(host, args, rank, world)
+print(f"rank {rank} of {world} done", flush=True)
+os._exit(0)  # skip the gloo teardown races at interpreter exit

@@ -1,0 +1,178 @@
+"""Pretraining the tuning encoder over a folder of images, on one process or many (torchrun, DDP; METHODS.md §6).
+
+Each step every process takes its shard of the batch, predicts an embedding and LoRA offsets for each image,
+and scores them by the diffusion loss of that image under its own prediction (the offsets go through the host's
+weight wrappers, swapped per image), plus E4T's L2 penalty on the embedding offset and the nearest-token
+contrastive term across the batch. DDP averages the encoder's gradients. Every draw (images, templates, noise,
+timesteps) is a function of (seed, step, rank), so a run killed and resumed from its checkpoint ends where an
+uninterrupted run of the same seed ends. Plain torch: the host is whatever the caller builds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .checkpoint import TrainState, fingerprint_differences, load_state, save_state
+from .host import Host
+from .loop import seeded
+from .methods.base import init_vectors
+from .templates import OBJECT_TEMPLATES
+from .tuning_encoder import TuningEncoder, contrastive_loss, save_encoder
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PretrainOptions:
+    """
+    Args:
+        steps (`int`): optimizer steps.
+        batch_size (`int`, defaults to 4): images per process per step.
+        learning_rate (`float`, defaults to 1e-4): AdamW's (this pack's choice; E4T used 1.6e-5 at batch 16).
+        offset_penalty (`float`, defaults to 0.01): λ·‖Δ‖² on the predicted embedding offset (E4T pretraining).
+        contrastive (`float`, defaults to 0.01): weight of the nearest-token contrastive term (this pack's).
+        checkpoint_every (`int`, defaults to 100): steps between checkpoints (and at the end).
+        log_every (`int`, defaults to 10): steps between loss log lines.
+        seed (`int`, defaults to 0): seeds every draw.
+    """
+
+    steps: int
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    offset_penalty: float = 0.01
+    contrastive: float = 0.01
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclass
+class Example:
+    """One training image, encoded once: its latent [C, h, w], CLIP vision features [T, W] and class word."""
+
+    latent: Tensor
+    vision: Tensor
+    class_word: str
+
+
+def read_folder(root: str | os.PathLike[str]) -> list[tuple[Path, str]]:
+    """(image, class word) pairs: `root/<class word>/<image>`, or `root/captions.txt` lines `<image>\\t<class word>`."""
+    root = Path(root)
+    captions = root / "captions.txt"
+    if captions.exists():
+        pairs = []
+        for number, line in enumerate(captions.read_text().splitlines(), start=1):
+            if line.strip():
+                name, sep, word = line.partition("\t")
+                if not sep or not word.strip():
+                    raise ValueError(f"captions.txt line {number}: expected '<image>\\t<class word>', got {line!r}.")
+                pairs.append((root / name.strip(), word.strip()))
+        return pairs
+    images = (".png", ".jpg", ".jpeg", ".webp")
+    pairs = sorted((p, folder.name.replace("_", " ")) for folder in root.iterdir() if folder.is_dir()
+                   for p in folder.iterdir() if p.suffix.lower() in images)
+    if not pairs:
+        raise ValueError(f"{root}: no images; put them in one folder per class word, or list them in captions.txt.")
+    return pairs
+
+
+def shard(count: int, rank: int, world: int) -> list[int]:
+    """The example indices a process owns: every world-th one, from its rank."""
+    return list(range(rank, count, world))
+
+
+def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], options: PretrainOptions,
+             run_dir: str | os.PathLike[str], rank: int = 0, world: int = 1, log: Log = print) -> TuningEncoder:
+    """Train `encoder` on this process's `examples` (its shard); resumes from `run_dir` when a checkpoint is there.
+
+    Writes (rank 0) `run_dir/state.safetensors` every `checkpoint_every` steps, `run_dir/encoder.safetensors` at
+    each checkpoint and `run_dir/log.jsonl` lines of the loss.
+    """
+    run_dir = Path(run_dir)
+    distributed = world > 1
+    model: Any = encoder
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(encoder)
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=options.learning_rate, weight_decay=0.0)
+    fingerprint = {**asdict(options), "world": world, "examples": len(examples), "config": encoder.config.to_json()}
+    fingerprint.pop("steps")
+    fingerprint.pop("checkpoint_every")
+    fingerprint.pop("log_every")
+    first, losses = 1, []
+    state_path = run_dir / "state.safetensors"
+    if state_path.exists():
+        state = load_state(state_path)
+        differences = fingerprint_differences(state.fingerprint, fingerprint)
+        if differences:
+            raise ValueError(f"{state_path} belongs to another run: {'; '.join(differences)}")
+        with torch.no_grad():
+            for p, saved in zip(encoder.parameters(), state.parameters, strict=True):
+                p.copy_(saved.to(p))
+        optimizer.load_state_dict(state.optimizer)
+        first, losses = state.step + 1, list(state.losses)
+        log(f"resumed at step {state.step}")
+    tables = {k: host.vocabulary(k) for k in host.encoders}
+    class_rows = {word: _class_rows(host, word) for word in sorted({e.class_word for e in examples})}
+    prompts = [host.prepare_prompt(t, 1) for t in OBJECT_TEMPLATES]
+    targets = [key for key, _, _ in encoder.config.targets]
+
+    for step in range(first, options.steps + 1):
+        gen = seeded(options.seed, step * 1009 + rank)  # a function of (seed, step, rank): resumable exactly
+        chosen = torch.randint(len(examples), (options.batch_size,), generator=gen).tolist()
+        batch = [examples[i] for i in chosen]
+        latents = torch.stack([e.latent for e in batch]).to(host.device)                        # [B, C, h, w]
+        noise = torch.randn(latents.shape, generator=gen).to(host.device)
+        timesteps = torch.randint(host.num_timesteps, (len(batch),), generator=gen).to(host.device)
+        template = torch.randint(len(prompts), (len(batch),), generator=gen).tolist()
+        unet = host.unet_features(latents, noise, timesteps)
+        vision = torch.stack([e.vision for e in batch]).to(host.device)
+        rows = {k: torch.stack([class_rows[e.class_word][k] for e in batch]) for k in tables}     # [B, 1, d]
+        prediction = model(vision, unet, rows)
+        diffusion = torch.zeros((), device=host.device)
+        for i in range(len(batch)):  # each image under its own predicted offsets and embedding
+            host.wrap_unet_weights({key: (up[i], down) for key, up, down in
+                                    zip(targets, prediction.up, prediction.down, strict=True)}, scale=1.0)
+            cond = host.encode([prompts[template[i]]], {k: e[i] for k, e in prediction.embeddings.items()})
+            diffusion = diffusion + host.loss(latents[i:i + 1], cond, noise[i:i + 1], timesteps[i:i + 1]).sum()
+        offsets = torch.cat([prediction.offsets[k] for k in sorted(prediction.offsets)], dim=-1)   # [B, Σd]
+        penalty = options.offset_penalty * offsets.pow(2).sum(-1).mean()
+        contrast = sum(contrastive_loss(e[:, 0], tables[k]) for k, e in prediction.embeddings.items())
+        loss = diffusion / len(batch) + penalty + options.contrastive * contrast
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        value = float(loss.detach())
+        if distributed:
+            total = torch.tensor([value], device=host.device)
+            dist.all_reduce(total)
+            value = float(total) / world
+        losses.append(value)
+        if rank == 0 and (step % options.log_every == 0 or step == options.steps):
+            log(f"step {step}/{options.steps} loss {value:.5f}")
+            with open(run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "loss": value}) + "\n")
+        if options.checkpoint_every and (step % options.checkpoint_every == 0 or step == options.steps):
+            if rank == 0:
+                save_state(TrainState(step, [p.detach().clone() for p in encoder.parameters()],
+                                      optimizer.state_dict(), torch.zeros(0, dtype=torch.uint8), losses, None,
+                                      fingerprint), state_path)
+                save_encoder(encoder, run_dir / "encoder.safetensors", {"step": str(step)})
+            if distributed:
+                dist.barrier()
+    return encoder
+
+
+def _class_rows(host: Host, word: str) -> dict[str, Tensor]:
+    """The class word's single token row per encoder; pretraining batches need one row per image."""
+    if len(host.token_ids(next(iter(host.encoders)), word)) != 1:
+        raise ValueError(f"class word {word!r} is several tokens; pretraining needs one-token class words (name the "
+                         "folder or the caption with a single word).")
+    return init_vectors(host, word, 1)
