@@ -257,12 +257,16 @@ class ComfyHost:
         if dtype is not None:
             self.model.set_model_compute_dtype(dtype)
         if gradient_checkpointing:
+            # ComfyUI's UNet runs a block by iterating over its layers (forward_timestep_embed), never through
+            # the block's own forward: the layers are what must be wrapped
             unet = base.diffusion_model
-            blocks = [f"input_blocks.{i}" for i in range(len(unet.input_blocks))] + ["middle_block"] + \
-                     [f"output_blocks.{i}" for i in range(len(unet.output_blocks))]
-            for block in blocks:
-                name = f"diffusion_model.{block}.forward"
-                self.model.add_object_patch(name, _checkpointed(self.model.get_model_object(name)))
+            blocks = [(f"input_blocks.{i}", b) for i, b in enumerate(unet.input_blocks)] + \
+                     [("middle_block", unet.middle_block)] + \
+                     [(f"output_blocks.{i}", b) for i, b in enumerate(unet.output_blocks)]
+            for prefix, block in blocks:
+                for j, _ in enumerate(block):
+                    name = f"diffusion_model.{prefix}.{j}.forward"
+                    self.model.add_object_patch(name, _checkpointed(self.model.get_model_object(name)))
 
     def _text_encoders(self) -> dict[str, TextEncoder]:
         encoders = {}

@@ -143,6 +143,29 @@ def test_gradient_checkpointing_recomputes_the_same_gradient():
     assert torch.allclose(checkpointed_grad, plain_grad, atol=1e-6)
 
 
+def saved_activation_bytes(**host_options):
+    """Bytes autograd keeps for the backward pass of one loss."""
+    model, clip, vae = models("sd1")
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+    with torch.inference_mode(False), torch.enable_grad(), ComfyHost(model, clip, vae, "sd1", **host_options) as host:
+        latents = host.encode_images(tc.tiny_images(2))
+        v = init_vectors(host, "dog")["l"].requires_grad_(True)
+        cond = host.encode([host.prepare_prompt("a photo of a {}", 1)] * 2, {"l": v})
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            host.loss(latents, cond, noise, torch.tensor([300, 700])).sum()
+    return sum(saved)
+
+
+def test_gradient_checkpointing_keeps_fewer_activations():
+    plain, checkpointed = saved_activation_bytes(), saved_activation_bytes(gradient_checkpointing=True)
+    assert checkpointed < 0.3 * plain
+
+
 def test_bf16_precision_trains_close_to_fp32():
     fp32_loss, fp32_grad = vector_gradient()
     bf16_loss, bf16_grad = vector_gradient(precision="bf16")

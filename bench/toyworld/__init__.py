@@ -1,0 +1,1 @@
+"""Toy-world base models for the quality benchmark; see README.md."""
