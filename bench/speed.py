@@ -93,7 +93,8 @@ def hardware() -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version()}
 
 
 def load_average() -> list[float] | None:
@@ -265,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     record: dict[str, Any] = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                               "hardware": hardware(), "comfyui": comfyui_version(),
-                              "load_average_start": load_average(), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]), "sizes": {}}
+                              "load_average_start": load_average(),
+                              "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]), "sizes": {}}
     for size_name in args.size:
         size = SIZES[size_name]
         device = size.device if args.device == "auto" else args.device

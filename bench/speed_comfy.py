@@ -13,7 +13,6 @@ device, with random weights: a step's speed does not depend on the weights' valu
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from pack_import import import_pack
 from speed_common import DTYPES, INIT_WORD, NUM_IMAGES, SEED, Memory, Size, StepClock, comfyui_path, step_stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +53,7 @@ def import_comfy(device: torch.device) -> None:
     args.cpu = device.type == "cpu"
     import comfy.model_management  # noqa: F401  (reads args.cpu once, here)
 
-    if "concept_forge" not in sys.modules:  # the pack as `concept_forge`, as tests/conftest.py registers it
-        spec = importlib.util.spec_from_file_location("concept_forge", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["concept_forge"] = module
-        spec.loader.exec_module(module)
+    import_pack()
 
 
 # -- models ------------------------------------------------------------------------------------------------------

@@ -28,19 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pack_import import import_pack
 from PIL import Image, ImageOps
 from speed_common import DTYPES, INIT_WORD, NUM_IMAGES, SEED, Memory, Size, StepClock, comfyui_path, step_stats
 
-# diffusers' imagenet_templates_small, the list both its script and this pack train objects with
-TEMPLATES = (
-    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
-    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
-    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
-    "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
-    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
-    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
-    "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
-)
+import_pack()
+# diffusers' imagenet_templates_small: the list its script trains objects with, and this pack too
+from concept_forge.trainers.templates import OBJECT_TEMPLATES as TEMPLATES  # noqa: E402
+
 PLACEHOLDER = "<concept>"
 
 

@@ -35,6 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script: make `toyworld` importable
 
+from pack_import import import_pack  # noqa: E402
+
 from toyworld import world  # noqa: E402
 from toyworld.judge import load_judge, predict  # noqa: E402
 from toyworld.models import load_clip, load_model, load_vae  # noqa: E402
@@ -51,26 +53,17 @@ CLASS_WORD = {"tealstar": "star", "pinkheart": "shape", "orangesquare": "square"
 GROUP_SEEDS = {"identity": 7000, "position": 7100, "size": 7200, "colour": 7300}
 
 
-def import_pack() -> Any:
-    """The pack as `concept_forge` (ComfyUI is already on sys.path, imported by toyworld.models)."""
-    import importlib.util
+def use_scratch_folders() -> None:
+    """The pack's model folders in a temporary directory: nothing is written (checkpoint_every=0), but the nodes
+    look their folders up."""
+    import tempfile
 
-    if "concept_forge" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("concept_forge", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["concept_forge"] = module
-        spec.loader.exec_module(module)
-        import tempfile
+    import folder_paths
+    from concept_forge.nodes.paths import CONCEPTS, ENCODERS
 
-        import folder_paths
-        from concept_forge.nodes.paths import CONCEPTS, ENCODERS
-
-        scratch = tempfile.mkdtemp(prefix="toyworld-")   # nothing is written there (checkpoint_every=0), but
-        for folder in (CONCEPTS, ENCODERS):              # the nodes look their folders up
-            folder_paths.folder_names_and_paths[folder] = ([str(Path(scratch) / folder)], {".safetensors"})
-    return sys.modules["concept_forge"]
+    scratch = Path(tempfile.mkdtemp(prefix="toyworld-"))
+    for folder in (CONCEPTS, ENCODERS):
+        folder_paths.folder_names_and_paths[folder] = ([str(scratch / folder)], {".safetensors"})
 
 
 def run_node(node_class: Any, **inputs: Any) -> Any:
@@ -268,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return report([c for r in runs for c in r["cells"]], settings, sum(r["seconds"] for r in runs), opts.out)
     torch.set_num_threads(opts.threads)
     import_pack()
+    use_scratch_folders()
     import comfy.utils
 
     comfy.utils.set_progress_bar_enabled(False)
