@@ -1,7 +1,7 @@
 """Build the toy world's base models from seeds: VAE, judge, training data, then UNet + CLIP.
 
-    COMFYUI_PATH=/opt/comfyui python bench/toyworld/build.py                  # all stages: ~8 min on one GPU
-    COMFYUI_PATH=/opt/comfyui python bench/toyworld/build.py --stages unet --unet-steps 30000   # extend the UNet
+    COMFYUI_PATH=/opt/comfyui python bench/toyworld/build.py                  # all stages: ~9 min on one H200
+    COMFYUI_PATH=/opt/comfyui python bench/toyworld/build.py --stages unet --unet-steps 6000   # extend the UNet
 
 Each stage writes its weights to weights/ and its stats to weights/world.json, and skips itself when its output
 exists (use --force to redo it). The UNet stage checkpoints to cache/ and resumes from there; with per-step
@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--judge-images", type=int, default=24000)
     parser.add_argument("--judge-batch", type=int, default=128)
     parser.add_argument("--images", type=int, default=48000, help="training images for the UNet")
-    parser.add_argument("--unet-steps", type=int, default=20000, help="total steps (a resumed run continues)")
+    parser.add_argument("--unet-steps", type=int, default=3500, help="total steps (a resumed run continues); the "
+                        "shipped weights are the EMA at step 3500")
     parser.add_argument("--unet-batch", type=int, default=256)
     parser.add_argument("--unet-time-limit", type=float, help="stop the UNet stage after this many seconds")
     parser.add_argument("--eval-every", type=int, default=1000, help="quick held-in check every N UNet steps")
