@@ -264,7 +264,7 @@ class ComfyHost:
                      [("middle_block", unet.middle_block)] + \
                      [(f"output_blocks.{i}", b) for i, b in enumerate(unet.output_blocks)]
             for prefix, block in blocks:
-                for j, _ in enumerate(block):
+                for j in range(len(block)):
                     name = f"diffusion_model.{prefix}.{j}.forward"
                     self.model.add_object_patch(name, _checkpointed(self.model.get_model_object(name)))
 

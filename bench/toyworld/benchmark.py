@@ -184,8 +184,10 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
         return float("nan"), float("nan")
     if len(values) == 1:
         return values[0], float("nan")
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 8: 2.36, 12: 2.20}.get(len(values), 2.0)
-    return statistics.mean(values), t * statistics.stdev(values) / math.sqrt(len(values))
+    from scipy.stats import t  # a ComfyUI requirement
+
+    n = len(values)
+    return statistics.mean(values), float(t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
 
 
 def fidelity(cell: dict[str, Any]) -> float:

@@ -36,8 +36,9 @@ if COMFYUI_PATH not in sys.path:
     sys.path.insert(0, COMFYUI_PATH)
 from comfy.cli_args import args as _comfy_args  # noqa: E402
 
-_comfy_args.cpu = not torch.cuda.is_available()
-_comfy_args.force_fp32 = _comfy_args.fp32_vae = True   # on a GPU too: ComfyUI would otherwise pick a bf16 VAE
+if "comfy.model_management" not in sys.modules:        # a process that set ComfyUI up already keeps its choices
+    _comfy_args.cpu = not torch.cuda.is_available()
+    _comfy_args.force_fp32 = _comfy_args.fp32_vae = True   # on a GPU too: ComfyUI would otherwise pick a bf16 VAE
 import comfy.clip_model  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
