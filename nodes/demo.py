@@ -1,9 +1,11 @@
 """A small random-weight checkpoint in the SD 1.5 layout, and demo images, for runs without real weights.
 
-The UNet has SD 1.5's width (320 channels, 768-wide context) but a single resolution level, which ComfyUI
-still detects as SD 1.5, so the stock Load Checkpoint reads the file through its real code path. The text
-encoder and VAE are full-size, as the loader requires. Nothing it draws is meaningful; it exists so the example
-workflows, the headless runner and the server tests run on a CPU in about a minute.
+The stock Load Checkpoint reads the file through its real code path, and it is as small as that loader allows:
+the UNet has SD 1.5's width (320 channels, 768-wide context), which ComfyUI needs to detect SD 1.5, but a single
+resolution level; the VAE is a TAESD (the tiny autoencoder ComfyUI recognises by its keys, 2.4 M parameters in
+place of 84 M); the text encoder is SD 1.5's full CLIP-L, since ComfyUI builds it at a fixed size. Nothing it
+draws is meaningful; it exists so the example workflows, the headless runner and the server tests run on a CPU.
+The runner keeps it in its demo folder (nodes/headless.py: `demo_folder()`), so it is built once.
 """
 
 from __future__ import annotations
@@ -23,15 +25,14 @@ UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, nu
             transformer_depth=[1], transformer_depth_middle=1, transformer_depth_output=[1, 1], context_dim=768,
             use_spatial_transformer=True, use_linear_in_transformer=False, legacy=False, adm_in_channels=None,
             use_temporal_attention=False, use_temporal_resblock=False, use_checkpoint=False)
-VAE = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
-           num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+
 
 
 def _random_state(module: torch.nn.Module, prefix: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Deterministic random weights (ComfyUI's modules skip initialisation): norms 1, biases 0, the rest small."""
     out = {}
     for name, value in module.state_dict().items():
-        if name.endswith("bias"):
+        if name.endswith(("bias", "vae_shift")):
             tensor = torch.zeros(value.shape)
         elif value.dim() < 2:
             tensor = torch.ones(value.shape)
@@ -43,10 +44,10 @@ def _random_state(module: torch.nn.Module, prefix: str, generator: torch.Generat
 
 
 def write_demo_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Write the demo checkpoint to `path` (about 400 MB, fp16) unless it is already there."""
-    import comfy.ldm.models.autoencoder  # here, so the names above import without ComfyUI
-    import comfy.sd1_clip
+    """Write the demo checkpoint to `path` (about 300 MB, fp16) unless it is already there."""
+    import comfy.sd1_clip  # here, so the names above import without ComfyUI
     import comfy.supported_models
+    import comfy.taesd.taesd
 
     path = Path(path)
     if path.exists():
@@ -56,7 +57,7 @@ def write_demo_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> Path:
     with torch.device("meta"):  # shapes only; the weights are drawn below
         unet = config.get_model({}).diffusion_model
         clip = comfy.sd1_clip.SD1ClipModel()
-        vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=VAE, embed_dim=4)
+        vae = comfy.taesd.taesd.TAESD()
     state = _random_state(unet, "model.diffusion_model.", g)
     clip_state = _random_state(clip, "", g)
     clip_state["clip_l.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
@@ -70,8 +71,10 @@ def write_demo_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> Path:
 
 
 def write_demo_embedding(folder: str | os.PathLike[str], seed: int = 0) -> Path:
-    """A random two-vector SD 1.5 embedding in kohya's layout, as a downloaded one would be."""
+    """A random two-vector SD 1.5 embedding in kohya's layout, as a downloaded one would be (kept if there)."""
     path = Path(folder) / DEMO_EMBEDDING
+    if path.exists():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     vectors = torch.randn(2, 768, generator=torch.Generator().manual_seed(seed)) * 0.5
     save_file({"emb_params": vectors}, str(path))
@@ -79,7 +82,8 @@ def write_demo_embedding(folder: str | os.PathLike[str], seed: int = 0) -> Path:
 
 
 def write_demo_images(folder: str | os.PathLike[str], size: int = 64) -> list[Path]:
-    """Four pictures of one made-up 'concept': a red star on a pale background, moved and scaled a little."""
+    """Four pictures of one made-up 'concept': a red star on a pale background, moved and scaled a little
+    (kept where they are already there)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -92,6 +96,7 @@ def write_demo_images(folder: str | os.PathLike[str], size: int = 64) -> list[Pa
         image = np.stack([0.85 - 0.1 * yy, 0.85 - 0.05 * xx, 0.8 * np.ones_like(xx)], -1)
         image[star] = (0.85, 0.12, 0.1)
         path = folder / name
-        Image.fromarray((image * 255).astype(np.uint8)).save(path)
+        if not path.exists():
+            Image.fromarray((image * 255).astype(np.uint8)).save(path)
         paths.append(path)
     return paths

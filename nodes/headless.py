@@ -2,9 +2,11 @@
 
     python tools/run_workflow.py example_workflows/learn_concept_ti.json --demo
 
-`--demo` writes a small random-weight SD 1.5-layout checkpoint and four demo images into a fresh base folder and
-shrinks the heavy settings (steps, resolution), so the run takes about a minute on a CPU. Without it the workflow
-runs as saved, against the models of the ComfyUI at --comfyui (or $COMFYUI_PATH).
+`--demo` runs in the demo folder (`demo_folder()`), where a small random-weight SD 1.5-layout
+checkpoint and four demo images are built on the first run and reused after, and shrinks the heavy settings
+(steps, resolution), so a run takes well under a minute on a CPU; `--clean-demo` deletes that folder. Without
+`--demo` the workflow runs as saved, against the models of the ComfyUI at --comfyui (or $COMFYUI_PATH). Every file
+a run writes is printed with its absolute path.
 
 Only the standard library is imported at module level: ComfyUI must be configured (CPU mode, base folder) before
 any of its modules load.
@@ -17,8 +19,8 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -27,23 +29,38 @@ from typing import Any
 PACK_ROOT = Path(__file__).resolve().parents[1]
 LEARN = "ConceptForgeLearnConcept"
 
-# --demo: what makes the example workflows finish in about a minute on a CPU with the demo checkpoint
+# --demo: what makes the example workflows finish in well under a minute on a CPU with the demo checkpoint. The demo
+# folder is the runner's own, so a run replaces the concept the previous demo run saved there.
 DEMO_SETTINGS = {
     LEARN: {"steps": 20, "resolution": 64, "batch_size": 2},
+    "ConceptForgeSaveConcept": {"overwrite": True},
     "ConceptForgeTuningEncoder": {"tuning_steps": 4, "resolution": 64},
     "EmptyLatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 4},
 }
 
 
+def demo_folder() -> Path:
+    """Where the runner keeps the demo's ComfyUI base folder (checkpoint, images, outputs) between runs:
+    $CONCEPT_FORGE_DEMO_DIR, else concept-forge/demo in the user's cache folder."""
+    if os.environ.get("CONCEPT_FORGE_DEMO_DIR"):
+        return Path(os.environ["CONCEPT_FORGE_DEMO_DIR"]).expanduser().resolve()
+    cache = os.environ.get("XDG_CACHE_HOME") or (os.environ.get("LOCALAPPDATA") if os.name == "nt" else None)
+    return (Path(cache) if cache else Path.home() / ".cache") / "concept-forge" / "demo"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="run_workflow.py", description="Run a ComfyUI workflow headless.")
-    ap.add_argument("workflow", type=Path, help="a workflow .json (UI format as saved by ComfyUI, or API format)")
+    ap.add_argument("workflow", type=Path, nargs="?",
+                    help="a workflow .json (UI format as saved by ComfyUI, or API format)")
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI folder (default: $COMFYUI_PATH)")
-    ap.add_argument("--demo", action="store_true", help="write and use a random-weight demo checkpoint and images")
+    ap.add_argument("--demo", action="store_true", help="run in the demo folder, on a random-weight demo checkpoint "
+                    "and images built there once, with settings small enough for a CPU")
+    ap.add_argument("--clean-demo", action="store_true", help="delete the demo folder (checkpoint, images, outputs) "
+                    "and exit")
     ap.add_argument("--checkpoint", help="use this file of models/checkpoints in every Load Checkpoint node")
     ap.add_argument("--base-directory", type=Path, help="ComfyUI base folder for models/, input/ and output/ "
-                    "(default: the ComfyUI folder; with --demo a new temporary folder)")
+                    "(default: the ComfyUI folder; with --demo the demo folder)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
                     help="override an input, by node id or node type (e.g. --set KSampler.steps=30); repeatable")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
@@ -60,6 +77,21 @@ def bootstrap(comfyui: str, base_directory: Path, cpu: bool) -> None:
     args.cpu = cpu or not (torch.cuda.is_available() or torch.backends.mps.is_available())
     args.base_directory = str(base_directory)
     import utils.extra_config  # noqa: F401 — ComfyUI's `utils` package must load before nodes.py shadows it
+
+
+def execute_node(node_class: Any, hidden: dict[Any, Any] | None = None, **inputs: Any) -> Any:
+    """Run one V3 node outside a prompt, as ComfyUI's executor would: a class clone that holds its hidden inputs
+    (unique_id "headless" unless given), in inference mode. Returns the node's NodeOutput."""
+    import torch
+    from comfy_api.v0_0_2 import io
+
+    hidden_inputs = {io.Hidden.unique_id: "headless", **(hidden or {})}
+    if hasattr(io.HiddenHolder, "from_v3_data"):  # ComfyUI >= 0.4 wraps the hidden inputs in a v3_data dict
+        clone = node_class.PREPARE_CLASS_CLONE({"hidden_inputs": hidden_inputs})
+    else:
+        clone = node_class.PREPARE_CLASS_CLONE(hidden_inputs)
+    with torch.inference_mode():
+        return clone.execute(**inputs)
 
 
 def apply_overrides(prompt: dict[str, Any], overrides: dict[str, dict[str, Any]], out: list[str]) -> None:
@@ -165,7 +197,6 @@ def run(ns: argparse.Namespace) -> int:
     workflow = json.loads(ns.workflow.read_text())
     import comfy.utils
     import execution
-    import folder_paths
     import server
 
     import nodes
@@ -178,12 +209,9 @@ def run(ns: argparse.Namespace) -> int:
         return 1
 
     overrides = parse_overrides(ns.overrides)
+    before = written_files()
     if ns.demo:
-        from .demo import DEMO_CHECKPOINT, write_demo_checkpoint, write_demo_embedding, write_demo_images
-
-        write_demo_checkpoint(Path(folder_paths.get_folder_paths("checkpoints")[0]) / DEMO_CHECKPOINT)
-        write_demo_embedding(folder_paths.get_folder_paths("embeddings")[0])
-        write_demo_images(folder_paths.get_input_directory())
+        prepare_demo()
     classes = nodes.NODE_CLASS_MAPPINGS
     prompt = workflow if is_api_prompt(workflow) else workflow_to_prompt(
         workflow, lambda kind: classes[kind].INPUT_TYPES() if kind in classes else None)
@@ -226,27 +254,84 @@ def run(ns: argparse.Namespace) -> int:
         kind = prompt[node_id]["class_type"]
         for text in ui.get("text", []):
             print(f"  {kind} {node_id}: {text}")
-        for image in ui.get("images", []):
-            folder = folder_paths.get_directory_by_type(image.get("type", "output"))
-            print(f"  {kind} {node_id}: wrote {Path(folder, image.get('subfolder', ''), image['filename'])}")
+    after = written_files()
+    print("Files written:")
+    for path in sorted(p for p, stamp in after.items() if before.get(p) != stamp):
+        print(f"  {path}")
+    return 0
+
+
+def prepare_demo() -> None:
+    """The demo checkpoint, images and embedding in the base folder: built once, then reused."""
+    import folder_paths
+
+    from .demo import DEMO_CHECKPOINT, write_demo_checkpoint, write_demo_embedding, write_demo_images
+
+    checkpoint = Path(folder_paths.get_folder_paths("checkpoints")[0]) / DEMO_CHECKPOINT
+    if checkpoint.exists():
+        print(f"demo checkpoint: {checkpoint} (built earlier; --clean-demo deletes it)")
+    else:
+        start = time.perf_counter()
+        write_demo_checkpoint(checkpoint)
+        print(f"demo checkpoint: {checkpoint} (built in {time.perf_counter() - start:.0f} s, kept for the next runs)")
+    write_demo_embedding(folder_paths.get_folder_paths("embeddings")[0])
+    write_demo_images(folder_paths.get_input_directory())
+
+
+def written_files() -> dict[Path, tuple[int, int]]:
+    """Size and modification time of every file in the folders a run writes to (inputs, outputs, models)."""
+    import folder_paths
+
+    from .paths import CONCEPTS, EMBEDDINGS
+
+    roots = {Path(folder_paths.get_output_directory()), Path(folder_paths.get_input_directory())}
+    for kind in (EMBEDDINGS, CONCEPTS, "loras", "checkpoints"):
+        roots.update(Path(p) for p in folder_paths.get_folder_paths(kind))
+    files = {}
+    for root in roots:
+        for path in root.rglob("*") if root.is_dir() else ():
+            if path.is_file():
+                stat = path.stat()
+                files[path.resolve()] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+def clean_demo() -> int:
+    folder = demo_folder()
+    if not folder.exists():
+        print(f"No demo folder at {folder}; nothing to delete.")
+        return 0
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    shutil.rmtree(folder)
+    print(f"Deleted the demo folder {folder} ({size / 2**20:.0f} MB).")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
+    if ns.clean_demo:
+        return clean_demo()
+    if ns.workflow is None:
+        print("Give a workflow file, e.g. example_workflows/learn_concept_ti.json.", file=sys.stderr)
+        return 2
     if not ns.comfyui or not Path(ns.comfyui, "comfy", "sd.py").is_file():
         print("No ComfyUI found: pass --comfyui PATH or set COMFYUI_PATH to a ComfyUI (>= 0.3.64) folder.",
               file=sys.stderr)
         return 2
-    base = ns.base_directory or (Path(tempfile.mkdtemp(prefix="concept_forge_demo_")) if ns.demo else Path(ns.comfyui))
-    for folder in ("custom_nodes", "input", "output", "models"):
-        (base / folder).mkdir(parents=True, exist_ok=True)
+    comfyui = Path(ns.comfyui).resolve()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("concept_forge").setLevel(logging.WARNING)  # the progress bar shows step and loss
-    print(f"ComfyUI: {ns.comfyui}\nbase folder: {base}")
-    bootstrap(ns.comfyui, base, ns.cpu)
     try:
-        return run(ns)
-    finally:
-        if ns.demo and ns.base_directory is None:
-            print(f"(the demo files stay in {base}; delete the folder when done)")
+        base = (ns.base_directory or (demo_folder() if ns.demo else comfyui)).resolve()
+        for folder in ("custom_nodes", "input", "output", "models"):
+            (base / folder).mkdir(parents=True, exist_ok=True)
+        print(f"ComfyUI: {comfyui}\nbase folder: {base}")
+        bootstrap(str(comfyui), base, ns.cpu)
+        import execution  # noqa: F401 — the first of ComfyUI's modules run() needs: it imports most others
+    except ModuleNotFoundError as e:
+        print(f"ComfyUI cannot start in this Python ({sys.executable}): {e}.\nRun the runner with the Python that "
+              f"runs your ComfyUI (its venv, or python_embeded in the portable build), or install ComfyUI's "
+              f"packages into this one:\n  {sys.executable} -m pip install -r {comfyui / 'requirements.txt'}",
+              file=sys.stderr)
+        return 2
+    return run(ns)

@@ -22,9 +22,10 @@ PROMPT_MODES = ["object", "style", "captions"]
 def summary(learned: Learned) -> str:
     c, r = learned.concept, learned.result
     p = c.provenance
-    lines = [f"{c.name}: {c.method.upper()} on {c.arch}, {c.num_vectors} vector(s) per encoder, "
-             f"{p['steps']} steps at learning rate {learned.learning_rate:g} ({p['base_learning_rate']:g} per "
-             f"sample), {learned.resolution} px.",
+    # CatVersion learns no token vectors: its report line says what it trained instead
+    learns = "" if c.method == "catversion" else f"{c.num_vectors} vector(s) per encoder, "
+    lines = [f"{c.name}: {c.method.upper()} on {c.arch}, {learns}{p['steps']} steps at learning rate "
+             f"{learned.learning_rate:g} ({p['base_learning_rate']:g} per sample), {learned.resolution} px.",
              f"Training loss {r.losses[0]:.4f} → {r.losses[-1]:.4f}."]
     if r.heldout_before is not None and r.heldout_after is not None:
         change = 100 * (r.heldout_after - r.heldout_before) / r.heldout_before

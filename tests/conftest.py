@@ -21,3 +21,14 @@ def _register_package() -> None:
 
 _register_package()
 os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+
+
+def pytest_report_header(config) -> str:
+    from comfy_tier import comfyui_problem
+
+    problem = comfyui_problem()
+    if problem:
+        return f"ComfyUI tiers: skipped, {problem}"
+    import comfyui_version
+
+    return f"ComfyUI tiers: ComfyUI {comfyui_version.__version__} at {os.environ['COMFYUI_PATH']} ({sys.executable})"

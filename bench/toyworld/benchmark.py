@@ -67,12 +67,11 @@ def use_scratch_folders() -> None:
 
 
 def run_node(node_class: Any, **inputs: Any) -> Any:
-    """A V3 node as ComfyUI's executor runs it: a class clone with its hidden inputs, in inference mode."""
+    """A V3 node's outputs, run as ComfyUI's executor runs it."""
     from comfy_api.v0_0_2 import io
+    from concept_forge.nodes.headless import execute_node
 
-    clone = node_class.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "toyworld"})
-    with torch.inference_mode():
-        return clone.execute(**inputs).args
+    return execute_node(node_class, {io.Hidden.unique_id: "toyworld"}, **inputs).args
 
 
 def node_defaults(node_class: Any) -> dict[str, Any]:

@@ -29,6 +29,8 @@ CHART = "canvas.concept-forge-loss-chart"
 
 @pytest.fixture(scope="module")
 def page(server):
+    # a first visit opens the template browser over the graph (ComfyUI >= 0.4 even after a while): a returning user
+    server.post("/settings/Comfy.TutorialCompleted", True)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
@@ -77,6 +79,11 @@ def test_the_chart_grows_while_training_runs_and_survives_a_reload(server, objec
     })
     page.evaluate("(workflow) => window.app.loadGraphData(workflow)", workflow)
     assert points(page) == 0  # an empty chart is on the node before anything runs
+    page.locator(CHART).screenshot(path=str(tmp_path / "loss_chart_empty.png"))
+    labels = page.evaluate("() => Object.fromEntries(window.app.graph.findNodesByType('ConceptForgeLearnConcept')[0]"
+                           ".widgets.map((w) => [w.name, w.label ?? w.name]))")
+    assert labels["learning_rate"] == "learning_rate (0 = method's)"  # a bare 0.0000 would read as a real 0
+    assert labels["steps"] == "steps (0 = method's)" and labels["batch_size"] == "batch_size"
     page.evaluate("() => window.app.queuePrompt(0)")
     first = wait_for_points(page, 5)
     second = wait_for_points(page, first + 5)

@@ -1,6 +1,7 @@
 """The pack in a real headless ComfyUI server: it loads, the shipped workflows run, and Cancel works."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from concept_forge.nodes.workflow_api import workflow_to_prompt  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
+# The workflows only need to run end to end here (the comfy tier tests what training learns): a few steps each.
+PATH_ONLY = {"ConceptForgeLearnConcept": {"steps": 3}, "ConceptForgeTuningEncoder": {"tuning_steps": 2},
+             "KSampler": {"steps": 2}}
 NODE_IDS = {"ConceptForgeLearnConcept", "ConceptForgeTrainingOptions", "ConceptForgeSaveConcept",
             "ConceptForgeLoadConcept"}
 
@@ -47,8 +51,8 @@ def test_every_node_has_a_help_page_and_appears_in_a_shipped_workflow_with_a_thu
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_example_workflow_runs(server, object_info, path):
-    prompt = api_prompt(path, object_info)
-    outcome, messages = server.run(prompt)
+    prompt = api_prompt(path, object_info, **PATH_ONLY)
+    outcome, messages = server.run(prompt, f"the example workflow {path.name}")
     assert outcome == "execution_success", server.log()[-3000:]
     history = server.history(messages[-1]["data"]["prompt_id"])
     images = [image for output in history["outputs"].values() for image in output.get("images", [])]
@@ -75,7 +79,7 @@ def test_saved_concept_is_a_stock_embedding_a_new_graph_uses(server, object_info
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
     }
     before = server.log()
-    outcome, _ = server.run(prompt)
+    outcome, _ = server.run(prompt, "a stock graph prompting embedding:my_dog")
     assert outcome == "execution_success"
     assert "embedding:my_dog does not exist" not in server.log()[len(before):]
 
@@ -95,12 +99,26 @@ def test_interrupt_stops_training_within_two_steps_and_the_next_prompt_runs(serv
         elif state["sent_at"] is not None:
             state["after"] += 1
 
-    outcome, messages = server.run(prompt, on_message)
+    outcome, messages = server.run(prompt, "a 500-step run to interrupt", on_message)
     assert outcome == "execution_interrupted"
     assert state["sent_at"] is not None and state["after"] <= 2
     assert not (server.base / "models" / "embeddings" / "interrupted.safetensors").exists()
     again = api_prompt(path, object_info, ConceptForgeLearnConcept={"steps": 2, "name": "after_cancel", "seed": 6},
                        ConceptForgeSaveConcept={"name": "after_cancel"})
-    outcome, _ = server.run(again)
+    outcome, _ = server.run(again, "a 2-step run after the interrupted one")
     assert outcome == "execution_success"
     assert (server.base / "models" / "embeddings" / "after_cancel.safetensors").exists()
+
+
+def test_a_prompt_that_outlives_its_time_is_interrupted_and_reported_with_its_progress(server, object_info):
+    path = next(p for p in WORKFLOWS if p.stem == "learn_concept_ti")
+    prompt = api_prompt(path, object_info, ConceptForgeLearnConcept={"steps": 500, "name": "too_slow", "seed": 7},
+                        ConceptForgeSaveConcept={"name": "too_slow"})
+    with pytest.raises(pytest.fail.Exception) as failed:
+        server.run(prompt, "a deliberately slow run", timeout=20)
+    message = str(failed.value)
+    assert message.startswith("a deliberately slow run: the prompt did not finish within 20 s and was interrupted")
+    assert re.search(r"of its \d+ nodes had started; node \d+ \(ConceptForgeLearnConcept\) was running at step "
+                     r"\d+/500", message), message
+    queue = server.get("/queue")
+    assert not queue["queue_running"] and not queue["queue_pending"]  # the next test finds an idle server

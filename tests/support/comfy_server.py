@@ -19,9 +19,37 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 PACK = Path(__file__).resolve().parents[2]
 FINAL = ("execution_success", "execution_error", "execution_interrupted")
+PROMPT_TIMEOUT = float(os.environ.get("CONCEPT_FORGE_PROMPT_TIMEOUT", 300))  # seconds a server-tier prompt may run
+
+
+class PromptProgress:
+    """How far a prompt got, from its websocket messages: the nodes started, and the running node's step."""
+
+    def __init__(self, prompt: dict[str, Any]):
+        self.prompt = prompt
+        self.started: set[str] = set()
+        self.node: str | None = None
+        self.step: tuple[int, int] | None = None
+
+    def update(self, message: dict[str, Any]) -> None:
+        data = message.get("data", {})
+        if message["type"] == "executing" and data.get("node"):
+            self.node, self.step = str(data["node"]), None
+            self.started.add(self.node)
+        elif message["type"] == "progress":
+            self.node, self.step = str(data["node"]), (data["value"], data["max"])
+
+    def __str__(self) -> str:
+        done = f"{len(self.started)} of its {len(self.prompt)} nodes had started"
+        if self.node is None:
+            return f"{done}; it was still queued"
+        kind = self.prompt.get(self.node, {}).get("class_type", "?")
+        step = f" at step {self.step[0]}/{self.step[1]}" if self.step else ""
+        return f"{done}; node {self.node} ({kind}) was running{step}"
 
 
 def free_port() -> int:
@@ -96,11 +124,26 @@ class ComfyServer:
             time.sleep(0.2)
         raise TimeoutError(f"no history for {prompt_id}")
 
-    def run(self, prompt: dict[str, Any], on_message: Any = None, timeout: float = 300) -> tuple[str, list[dict]]:
-        """Queue `prompt` and follow the websocket until it ends; returns the final event and every message."""
-        return asyncio.run(self._run(prompt, on_message, timeout))
+    def run(self, prompt: dict[str, Any], what: str, on_message: Any = None,
+            timeout: float = PROMPT_TIMEOUT) -> tuple[str, list[dict]]:
+        """Queue `prompt` and follow the websocket until it ends; returns the final event and every message.
 
-    async def _run(self, prompt: dict[str, Any], on_message: Any, timeout: float) -> tuple[str, list[dict]]:
+        A prompt still running after `timeout` seconds is interrupted, so the tests after it find an idle server,
+        and the calling test fails with `what` and how far the prompt got.
+        """
+        self.wait_until_idle()
+        progress = PromptProgress(prompt)
+        outcome, messages, prompt_id = asyncio.run(self._run(prompt, on_message, timeout, progress))
+        if outcome is None:
+            self.post("/interrupt", {"prompt_id": prompt_id})
+            self.post("/queue", {"delete": [prompt_id]})
+            self.wait_until_idle()
+            pytest.fail(f"{what}: the prompt did not finish within {timeout:.0f} s and was interrupted; "
+                        f"{progress}", pytrace=False)
+        return outcome, messages
+
+    async def _run(self, prompt: dict[str, Any], on_message: Any, timeout: float,
+                   progress: PromptProgress) -> tuple[str | None, list[dict], str]:
         client_id = str(uuid.uuid4())
         messages: list[dict] = []
         async with aiohttp.ClientSession() as session:
@@ -111,17 +154,35 @@ class ComfyServer:
                         raise RuntimeError(f"prompt refused: {queued}")
                 prompt_id = queued["prompt_id"]
                 deadline = time.time() + timeout
-                while time.time() < deadline:
-                    msg = await ws.receive(timeout=deadline - time.time())
+                while (left := deadline - time.time()) > 0:
+                    try:
+                        msg = await ws.receive(timeout=left)
+                    except asyncio.TimeoutError:
+                        break
+                    if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        raise RuntimeError(f"the server closed the websocket:\n{self.log()[-3000:]}")
                     if msg.type != aiohttp.WSMsgType.TEXT:
                         continue  # previews and progress text are binary
                     data = json.loads(msg.data)
                     messages.append(data)
+                    progress.update(data)
                     if on_message is not None:
                         await asyncio.get_running_loop().run_in_executor(None, on_message, data)
                     if data["type"] in FINAL and data["data"].get("prompt_id") == prompt_id:
-                        return data["type"], messages
-        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
+                        return data["type"], messages, prompt_id
+        return None, messages, prompt_id
+
+    def wait_until_idle(self, timeout: float = 120) -> None:
+        """Wait for the queue to empty, interrupting what runs (a test that stopped following its prompt)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            queue = self.get("/queue")
+            if not queue["queue_running"] and not queue["queue_pending"]:
+                return
+            self.post("/queue", {"clear": True})
+            self.post("/interrupt")
+            time.sleep(0.5)
+        raise RuntimeError(f"the server stayed busy for {timeout:.0f} s after an interrupt:\n{self.log()[-3000:]}")
 
     def stop(self) -> None:
         self.process.terminate()

@@ -15,10 +15,7 @@ import sys
 
 import torch
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
-if not os.path.isfile(os.path.join(COMFYUI_PATH, "comfy", "sd.py")):
-    raise ImportError(f"no ComfyUI at COMFYUI_PATH={COMFYUI_PATH!r}; set it to a ComfyUI >= 0.3.64 checkout "
-                      "(see ../shared/tools/setup-comfyui.sh) to run the ComfyUI tiers")
+COMFYUI_PATH = os.environ["COMFYUI_PATH"]  # checked by comfy_tier.comfyui_problem
 sys.path.insert(0, COMFYUI_PATH)
 from comfy.cli_args import args  # noqa: E402
 

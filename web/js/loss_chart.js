@@ -18,6 +18,25 @@ function smoothed(values) {
   return out;
 }
 
+// The lines of `text` that each fit `maxWidth` on `ctx`, broken between words (a narrow node must not cut it off).
+function wrapped(ctx, text, maxWidth) {
+  const lines = [];
+  for (const word of text.split(" ")) {
+    const line = lines.length ? `${lines.at(-1)} ${word}` : word;
+    if (lines.length && ctx.measureText(line).width <= maxWidth) lines[lines.length - 1] = line;
+    else lines.push(word);
+  }
+  return lines;
+}
+
+// Widgets whose 0 means "the default": the label says so, since the number alone reads as a real 0.
+const ZERO_MEANS = {
+  steps: "steps (0 = method's)",
+  learning_rate: "learning_rate (0 = method's)",
+  vectors: "vectors (0 = one per token)",
+  resolution: "resolution (0 = model's)",
+};
+
 class LossChart {
   constructor() {
     this.steps = [];
@@ -75,7 +94,9 @@ class LossChart {
     ctx.fillStyle = COLORS.text;
     ctx.font = `${10 * ratio}px monospace`;
     if (!this.losses.length) {
-      ctx.fillText("loss per step appears here while training", pad.left + 6 * ratio, height / 2);
+      const lines = wrapped(ctx, "loss per step appears here while training", width - pad.left - pad.right - 12 * ratio);
+      const lineHeight = 14 * ratio;
+      lines.forEach((line, i) => ctx.fillText(line, pad.left + 6 * ratio, height / 2 + (i - (lines.length - 1) / 2) * lineHeight));
       return;
     }
     const low = Math.min(...this.losses);
@@ -134,6 +155,9 @@ app.registerExtension({
     if (!nodeData.name.startsWith("ConceptForge")) return;
     const trainer = TRAINERS.has(nodeData.name);
     chain(nodeType.prototype, "onNodeCreated", function () {
+      if (nodeData.name === "ConceptForgeLearnConcept") {
+        for (const widget of this.widgets ?? []) widget.label = ZERO_MEANS[widget.name] ?? widget.label;
+      }
       if (trainer) {
         this.conceptForgeChart = new LossChart();
         this.addDOMWidget("loss_chart", "concept_forge_chart", this.conceptForgeChart.element, {
