@@ -6,6 +6,7 @@ from comfy_api.v0_0_2 import io
 
 from ..trainers.methods import batex
 from .types import OPTIONS_CATEGORY, MethodOptionsIO
+from .validation import schema_problem
 
 
 class BaTexOptions(io.ComfyNode):
@@ -39,6 +40,10 @@ class BaTexOptions(io.ComfyNode):
             outputs=[MethodOptionsIO.Output("method_options", display_name="method_options",
                                             tooltip="Connect to Learn Concept with method batex.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, sum_to_one: float = 0.0, weight_decay: float = 0.01) -> bool | str:
+        return schema_problem(cls, "BaTex Options", sum_to_one=sum_to_one, weight_decay=weight_decay) or True
 
     @classmethod
     def execute(cls, basis_size, ranking, second_token, target_rank, sum_to_one, weight_decay,

@@ -14,6 +14,7 @@ from .apply import check_concept_fits, encoder_tables
 from .comfy_host import conditioning_layers
 from .residual_attention import ActivatingEncode, ResidualAttention, ResidualEntry, tokenizer_tagging
 from .types import CATEGORY, OPTIONS_CATEGORY, ConceptIO, MethodOptionsIO
+from .validation import schema_problem
 
 RESIDUAL = "CatVersion Residual"
 LAYER = "clip_{key}.transformer.text_model.encoder.layers.{layer}"
@@ -104,6 +105,10 @@ class CatVersionOptions(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, mask_bias: float = 0.0, init_scale: float = 1.0) -> bool | str:
+        return schema_problem(cls, "CatVersion Options", mask_bias=mask_bias, init_scale=init_scale) or True
+
+    @classmethod
     def execute(cls, num_layers, tokens, mask_bias, init_scale) -> io.NodeOutput:
         return io.NodeOutput(catversion.Options(num_layers=num_layers, tokens=tokens, mask_bias=mask_bias,
                                                 init_scale=init_scale))
@@ -131,6 +136,10 @@ class CatVersionResidual(io.ComfyNode):
                                     tooltip="The CLIP to connect to CLIP Text Encode; chain another CatVersion "
                                     "Residual to combine concepts.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, strength: float = 1.0) -> bool | str:
+        return schema_problem(cls, RESIDUAL, strength=strength) or True
 
     @classmethod
     def execute(cls, clip, concept, strength, apply_to_negative) -> io.NodeOutput:

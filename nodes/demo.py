@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from ..trainers.atomic import write_safetensors
+
 DEMO_CHECKPOINT = "concept_forge_demo_sd15.safetensors"
 DEMO_IMAGES = tuple(f"concept_forge_demo_{i}.png" for i in range(1, 5))
 DEMO_EMBEDDING = "concept_forge_demo.safetensors"  # a random SD 1.5 embedding for Load Concept
@@ -63,11 +65,7 @@ def write_demo_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> Path:
     clip_state["clip_l.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     state.update(config.process_clip_state_dict_for_saving(clip_state))
     state.update(_random_state(vae, "first_stage_model.", g))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(state, path)
 
 
 def write_demo_embedding(folder: str | os.PathLike[str], seed: int = 0) -> Path:

@@ -12,6 +12,7 @@ from ..trainers.methods import dti
 from ..trainers.slerp import slerp_concepts
 from .apply import apply_concepts, check_concept_fits, encoder_tables
 from .types import CATEGORY, OPTIONS_CATEGORY, ConceptIO, MethodOptionsIO
+from .validation import schema_problem
 
 APPLY = "Apply DTI Token"
 SLERP = "Concept Slerp"
@@ -64,6 +65,10 @@ class DTIOptions(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, kappa: float = 1e-4, magnitude_value: float = 0.4, beta: float = 0.0) -> bool | str:
+        return schema_problem(cls, "DTI Options", kappa=kappa, magnitude_value=magnitude_value, beta=beta) or True
+
+    @classmethod
     def execute(cls, kappa, magnitude, magnitude_value, beta, train_magnitude) -> io.NodeOutput:
         mode = magnitude_value if magnitude == "custom" else magnitude
         return io.NodeOutput(dti.Options(kappa=kappa, magnitude=mode, beta=beta, train_magnitude=train_magnitude))
@@ -90,6 +95,10 @@ class ApplyDTIToken(io.ComfyNode):
             outputs=[io.Clip.Output("concept_clip", display_name="clip",
                                     tooltip="The CLIP to connect to CLIP Text Encode.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, strength: float = 1.0) -> bool | str:
+        return schema_problem(cls, APPLY, strength=strength) or True
 
     @classmethod
     def execute(cls, clip, concept, strength, magnitude) -> io.NodeOutput:
@@ -123,7 +132,10 @@ class ConceptSlerp(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name: str = "blend", **_: Any) -> bool | str:
+    def validate_inputs(cls, name: str = "blend", t: float = 0.5) -> bool | str:
+        problem = schema_problem(cls, SLERP, name=name, t=t)
+        if problem:
+            return problem
         problem = name_problem(name)
         return f"{SLERP}: {problem}." if problem else True
 

@@ -15,6 +15,7 @@ from ..trainers.files import read_concept, save_concept
 from .paths import display_path, file_choices, resolve_choice, target_path
 from .tuning import lora_of
 from .types import CATEGORY, ConceptIO
+from .validation import schema_problem
 
 SAVE = "Save Concept"
 LOAD = "Load Concept"
@@ -67,7 +68,8 @@ def load(choice: str, name: str) -> Concept:
     try:
         return read_concept(path, name or None)
     except (ValueError, KeyError) as e:
-        raise ValueError(f"{LOAD}: {display_path(path)} is not a usable concept: {e}") from e
+        raise ValueError(f"{LOAD}: {display_path(path)} cannot be used as a concept: {e} Choose another file; "
+                         "this one was left as it is.") from e
 
 
 class SaveConcept(io.ComfyNode):
@@ -117,8 +119,11 @@ class LoadConcept(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, file: str, name: str = "", **_: Any) -> bool | str:
-        if resolve_choice(file) is None:
+    def validate_inputs(cls, file: str = "", name: str = "") -> bool | str:
+        problem = schema_problem(cls, LOAD, name=name)  # file: a path that exists, whether listed yet or not
+        if problem:
+            return problem
+        if not isinstance(file, str) or resolve_choice(file) is None:
             return f"{LOAD}: {file} was not found; refresh the page to update the file list."
         if name.strip() and name_problem(name.strip()):
             return f"{LOAD}: {name_problem(name.strip())}."

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from comfy_api.v0_0_2 import io
 
 from ..trainers.concept import name_problem
@@ -14,6 +12,7 @@ from .comfy_host import PRECISIONS
 from .plot import loss_plot
 from .training import NODE, Learned, LearnSettings, TrainingOptions, learn
 from .types import CATEGORY, OPTIONS_CATEGORY, ConceptIO, MethodOptionsIO, TrainingOptionsIO
+from .validation import schema_problem
 
 METHODS = [m for m in MODULES if m != "tuning_encoder"]  # that one has its own node, with a CLIP vision model
 PROMPT_MODES = ["object", "style", "captions"]
@@ -113,8 +112,9 @@ class LearnConcept(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, name: str = "my_concept", init_word: str = "object", prompts: str = "object",
-                        captions: str = "", **_: Any) -> bool | str:
-        problem = name_problem(name)
+                        captions: str = "", learning_rate: float = 0.0) -> bool | str:
+        problem = schema_problem(cls, NODE, name=name, init_word=init_word, prompts=prompts, captions=captions,
+                                 learning_rate=learning_rate) or name_problem(name)
         if problem:
             return f"{NODE}: {problem}."
         if not init_word.strip():

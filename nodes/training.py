@@ -115,11 +115,18 @@ def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor, mask: torch.Ten
         resume = _resume_state(folder) if s.training.resume else None  # loaded here: no inference tensors
         with ComfyHost(model, clip, vae, arch, s.precision, s.gradient_checkpointing, clip_vision) as host:
             resolution = s.resolution or native_resolution(arch, host.v_prediction)
+
+            def prepare(stage: str) -> None:  # Cancel works before the first step too
+                mm.throw_exception_if_processing_interrupted()
+                NodeProgress.say(node_id, f"{s.name}: {stage}")
+
             try:
+                prepare("preparing the images")
                 pixels = prepare_images(images.clone(), resolution)
                 masks = None if mask is None else prepare_masks(mask.clone(), len(pixels), resolution)
                 prompts, per_image = training_prompts(s.prompts, s.name, len(pixels), s.captions)  # type: ignore[arg-type]
                 prompts = method_prompts(s.method, prompts, per_image, s.init_word)
+                prepare(f"setting up {s.method}")
                 method = (build(host, pixels) if build else
                           create_method(s.method, host, s.init_word, s.vectors, options, s.seed))  # type: ignore[arg-type]
             except ValueError as e:
@@ -136,9 +143,18 @@ def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor, mask: torch.Ten
             saved = [resume.step] if resume else []
 
             def checkpoint(state: TrainState) -> None:
-                save_state(state, folder / STATE_FILE)
-                save_concept(method.to_concept(s.name, arch, {**record, "steps": state.step}),
-                             folder / f"{s.name}.safetensors", overwrite=True)
+                # the concept first: a kill between the two writes leaves a state that is never ahead of the
+                # concept, and resuming from it recomputes the same steps
+                try:
+                    save_concept(method.to_concept(s.name, arch, {**record, "steps": state.step}),
+                                 folder / f"{s.name}.safetensors", overwrite=True)
+                    save_state(state, folder / STATE_FILE)
+                except OSError as e:  # a full disk must not end the run: the concept stays in memory
+                    message = (f"the checkpoint of step {state.step} could not be written ({e}); training goes on "
+                               f"and the previous checkpoint stays. Free some disk space to keep the next one.")
+                    log.warning("Concept Forge: %s: %s", s.name, message)
+                    NodeProgress.say(node_id, message)
+                    return
                 saved.append(state.step)
 
             def preview() -> Any:
@@ -146,7 +162,7 @@ def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor, mask: torch.Ten
 
             progress = NodeProgress(node_id, s.name, steps, preview if s.preview_every else None, s.preview_every)
             try:
-                result = train(method, host, data, loop, progress, checkpoint, resume)
+                result = train(method, host, data, loop, progress, checkpoint, resume, prepare)
             except NonFiniteLoss as e:
                 last_good = method.to_concept(s.name, arch, {**record, "steps": e.step - 1})
                 path = save_concept(last_good, recovery_path(s.name, e.step - 1), overwrite=True)

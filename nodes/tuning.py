@@ -20,6 +20,7 @@ from .paths import ENCODERS
 from .plot import loss_plot
 from .training import LearnSettings, TrainingOptions, learn
 from .types import CATEGORY, ConceptIO
+from .validation import schema_problem
 
 NODE = "Tuning Encoder"
 NO_ENCODER = "none"
@@ -120,8 +121,10 @@ class TuningEncoderNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name: str = "my_concept", class_word: str = "object", **_: Any) -> bool | str:
-        problem = name_problem(name)
+    def validate_inputs(cls, name: str = "my_concept", class_word: str = "object", learning_rate: float = 0.0,
+                        blend: float = 1.0) -> bool | str:
+        problem = schema_problem(cls, NODE, name=name, class_word=class_word, learning_rate=learning_rate,
+                                 blend=blend) or name_problem(name)
         if problem:
             return f"{NODE}: {problem}."
         return True if class_word.strip() else f"{NODE}: class_word is empty; give the concept's class, e.g. 'dog'."

@@ -24,7 +24,10 @@ ARCH_LABELS: dict[Arch, str] = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"
 
 # A name must survive both a file name and ComfyUI's prompt parser: "embedding:<name>" ends at whitespace,
 # loses a trailing comma, and parentheses or colons are weight syntax.
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+# what stock ComfyUI finds as embedding:<name>: letters and digits of any script, '_', '-' and '.', no spaces or
+# prompt syntax; not starting with '.' (a hidden file)
+_NAME = re.compile(r"^[\w\-][\w.\-]*$")
+MAX_NAME_BYTES = 240  # file systems allow 255 bytes for a name, and ".safetensors" takes 12
 
 
 def name_problem(name: str) -> str | None:
@@ -33,8 +36,8 @@ def name_problem(name: str) -> str | None:
         return "the name is empty"
     if "/" in name or "\\" in name or ".." in name:
         return f"'{name}' contains a path separator or '..'"
-    if len(name) > 100:
-        return f"'{name}' is longer than 100 characters"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"'{name[:40]}...' is longer than a file name can be ({MAX_NAME_BYTES} bytes)"
     if not _NAME.match(name):
         return (f"'{name}' may only contain letters, digits, '_', '-' and '.' (it is typed as embedding:{name} "
                 "in prompts)")

@@ -29,16 +29,20 @@ def to_rgb(image: Tensor) -> Tensor:
 
 
 def square_resize(image: Tensor, resolution: int, mode: str = "bicubic") -> Tensor:
-    """[C, H, W] → [C, resolution, resolution]: shorter side to `resolution`, then a centre crop."""
+    """[C, H, W] → [C, resolution, resolution]: the centred square of side min(H, W), resized to `resolution`.
+
+    The same picture as resizing the shorter side and then cropping, but cropped first, so memory is bounded by
+    the output: a 1 × 5000 image resized whole to 2048 px on its short side would need 251 GB.
+    """
     h, w = image.shape[-2:]
-    scale = resolution / min(h, w)
-    size = (max(resolution, round(h * scale)), max(resolution, round(w * scale)))
-    if size != (h, w):
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    image = image[..., top:top + side, left:left + side]
+    if side != resolution:
         antialias = mode in ("bicubic", "bilinear")
-        image = F.interpolate(image[None], size=size, mode=mode, antialias=antialias,
+        image = F.interpolate(image[None], size=(resolution, resolution), mode=mode, antialias=antialias,
                               **({} if mode == "nearest" else {"align_corners": False}))[0]
-    top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return image[..., top:top + resolution, left:left + resolution]
+    return image
 
 
 def prepare_images(images: Tensor | Sequence[Tensor], resolution: int) -> Tensor:

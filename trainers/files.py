@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,6 +24,13 @@ from .atomic import write_safetensors
 from .concept import ARCH_ENCODERS, ARCH_LABELS, Arch, Concept, arch_for_width, cpu_float
 
 METADATA_KEY = "concept_forge"
+SAFE_UNPICKLING = (2, 6)  # the first torch whose weights-only unpickler has no known bypass
+MAX_VECTORS = 75  # the tokens one CLIP chunk holds
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # torch colours its messages; a refusal is plain text
+# what each method's concept must carry in its state to be used (Apply, Slerp, CatVersion Residual, Info)
+METHOD_STATE: dict[str, tuple[str, ...]] = {"ti": (), "dti": ("magnitude",), "batex": (),
+                                            "catversion": ("layers", "class_word", "mask_bias"),
+                                            "tuning_encoder": ()}
 FORMAT_VERSION = 1
 FILE_KEYS = {"l": "clip_l", "g": "clip_g", "h": "clip_h"}
 EXTENSIONS = (".safetensors", ".pt", ".bin")
@@ -72,24 +80,36 @@ def save_concept(concept: Concept, path: str | os.PathLike[str], overwrite: bool
 
 
 def read_concept(path: str | os.PathLike[str], name: str | None = None) -> Concept:
-    """Read a concept file or any third-party embedding file as a Concept.
+    """Read a concept file or any third-party embedding file as a Concept, or refuse it.
+
+    Files are hostile until parsed: whatever goes wrong while reading (a torn or forged file, a structure of the
+    wrong kind) becomes a ValueError that says what, and a file that parses but cannot be a concept (NaN or
+    infinite values, a zero vector, a sparse tensor, too many vectors, a method without its state) is refused.
 
     Args:
         path (`str | PathLike`): a `.safetensors`, `.pt` or `.bin` file.
         name (`str`, *optional*): the concept's name; defaults to the name stored in the file, else the file stem.
     """
     path = Path(path)
+    try:
+        concept = _read(path, name)
+        check_concept(concept)
+    except RecursionError:
+        raise ValueError(f"{path.name}: its structure is nested too deeply to be an embedding.") from None
+    except Exception as e:
+        reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        raise ValueError(ANSI.sub("", reason)) from e
+    return concept
+
+
+def _read(path: Path, name: str | None) -> Concept:
     if path.suffix.lower() == ".safetensors":
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             content: Any = {k: f.get_tensor(k) for k in f.keys()}
     elif path.suffix.lower() in (".pt", ".bin"):
         metadata = {}
-        try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # an unpickling refusal or a corrupt file: both unreadable for us
-            raise ValueError(f"{path.name} is not a plain tensor file (it may need unsafe unpickling, which is "
-                             f"refused): {e}") from e
+        content = _load_pickle(path)
     else:
         raise ValueError(f"{path.name}: unsupported file type; expected one of {EXTENSIONS}.")
     if METADATA_KEY in metadata:
@@ -97,6 +117,72 @@ def read_concept(path: str | os.PathLike[str], name: str | None = None) -> Conce
     arch, vectors, provenance = parse_embedding(content, path.name)
     return Concept(name=name or _safe_stem(path), method="ti", arch=arch, vectors=vectors,
                    provenance={"source_file": path.name, **provenance})
+
+
+def _load_pickle(path: Path) -> Any:
+    """A `.pt`/`.bin` through torch's weights-only unpickler, which refuses code; below torch 2.6 it has known
+    bypasses (CVE-2025-32434), so there the file is refused."""
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) < SAFE_UNPICKLING:
+        raise ValueError(f"{path.name} is a pickle file, and this torch ({torch.__version__}) is older than 2.6, "
+                         "whose safe loading can be bypassed to run code (CVE-2025-32434); convert the file to "
+                         ".safetensors with a trusted tool, or update torch.")
+    try:  # the original textual_inversion code saves string_to_param as an nn.ParameterDict
+        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an unpickling refusal or a corrupt file: both unreadable for us
+        first_line = ANSI.sub("", str(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path.name} is not a plain tensor file (it may need unsafe unpickling, which is "
+                         f"refused): {first_line}") from e
+
+
+def check_concept(concept: Concept) -> None:
+    """Refuse a concept no prompt can use: its vectors and tensors must be dense, finite, of one width per
+    encoder, 1 to MAX_VECTORS vectors, none of length 0; a method's state must be there."""
+    if concept.method not in METHOD_STATE:
+        raise ValueError(f"unknown method {concept.method!r}.")
+    if concept.arch not in ARCH_ENCODERS:
+        raise ValueError(f"unknown base model {concept.arch!r}.")
+    counts = set()
+    for key, v in concept.vectors.items():
+        label = f"the {FILE_KEYS.get(key, key)} vectors"
+        if key not in ARCH_ENCODERS[concept.arch]:
+            raise ValueError(f"{label} belong to no text encoder of {ARCH_LABELS[concept.arch]}.")
+        _check_tensor(v, label)
+        if v.dim() != 2 or not 1 <= v.shape[0] <= MAX_VECTORS:
+            raise ValueError(f"{label} have shape {tuple(v.shape)}; a prompt holds 1 to {MAX_VECTORS} vectors.")
+        if bool((v.norm(dim=-1) == 0).any()):
+            raise ValueError(f"{label} include a zero vector, which a prompt would silently lose.")
+        counts.add(v.shape[0])
+    if len(counts) > 1:
+        raise ValueError("the text encoders have different numbers of vectors.")
+    if concept.is_token_concept and set(concept.vectors) != set(ARCH_ENCODERS[concept.arch]):
+        raise ValueError(f"a {concept.method} concept for {ARCH_LABELS[concept.arch]} needs vectors for "
+                         f"{', '.join(FILE_KEYS[k] for k in ARCH_ENCODERS[concept.arch])}.")
+    for key, t in concept.tensors.items():
+        _check_tensor(t, f"tensor {key}")
+    missing = [k for k in METHOD_STATE[concept.method] if k not in concept.state]
+    if missing:
+        raise ValueError(f"the {concept.method} concept lacks its state ({', '.join(missing)}).")
+    if concept.method == "catversion":
+        _check_catversion(concept)
+
+
+def _check_tensor(t: Any, label: str) -> None:
+    if not isinstance(t, Tensor) or t.layout != torch.strided or not t.is_floating_point():
+        raise ValueError(f"{label} are not a dense floating-point tensor.")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{label} contain NaN or infinite values.")
+
+
+def _check_catversion(concept: Concept) -> None:
+    layers = concept.state["layers"]
+    if not isinstance(layers, Mapping) or not all(isinstance(v, list) and v for v in layers.values()):
+        raise ValueError("the catversion concept's layers are malformed.")
+    for key, indices in layers.items():
+        for i in indices:
+            for part in ("keys", "values"):
+                if f"catversion.{key}.{i}.{part}" not in concept.tensors:
+                    raise ValueError(f"the catversion concept lacks its {part} for clip_{key} layer {i}.")
 
 
 def _concept_from_record(record: Mapping[str, Any], content: Mapping[str, Tensor], name: str | None) -> Concept:

@@ -130,34 +130,47 @@ class NonFiniteLoss(RuntimeError):
 
 
 @dataclass(frozen=True)
-class SamplePlan:
-    """Which image, flip and prompt every sample of the run uses, drawn once from the seed. [micro-steps, B]."""
+class Draws:
+    """The image, flip and prompt of each sample of one micro-batch. [B] each."""
 
     images: Tensor
     flips: Tensor
     prompts: Tensor
 
 
-def seeded(seed: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+def seeded(seed: int, *stream: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator for one independent stream of draws (images, flips, prompts, noise, ...) of a run's seed."""
-    return torch.Generator(device).manual_seed(hash((seed, stream)) & 0xFFFF_FFFF_FFFF)
+    return torch.Generator(device).manual_seed(hash((seed, *stream)) & 0xFFFF_FFFF_FFFF)
 
 
-def sample_plan(num_images: int, num_prompts: int, per_image: bool, batch_size: int, micro_steps: int,
-                flip_p: float, seed: int) -> SamplePlan:
-    """Images come from consecutive random permutations, so each is seen equally often (as an epoch would).
+class SamplePlan:
+    """Which image, flip and prompt every sample of the run uses, a function of the seed and the sample's index.
 
-    Each kind of draw has its own stream, so a plan is a prefix of any longer plan of the same seed: a run cut
-    short, or resumed, sees exactly the samples of an uninterrupted one.
+    Images come from consecutive random permutations, so each is seen equally often (as an epoch would). Every
+    micro-batch is drawn when asked for, from streams of its own, so memory does not grow with the run's length
+    and a plan is a prefix of any longer plan of the same seed: a run cut short, or resumed, sees exactly the
+    samples of an uninterrupted one.
     """
-    total = batch_size * micro_steps
-    epochs = -(-total // num_images)
-    image_gen = seeded(seed, 0)
-    images = torch.cat([torch.randperm(num_images, generator=image_gen) for _ in range(epochs)])[:total]
-    flips = torch.rand(total, generator=seeded(seed, 1)) < flip_p
-    prompts = images.clone() if per_image else torch.randint(num_prompts, (total,), generator=seeded(seed, 2))
-    shape = (micro_steps, batch_size)
-    return SamplePlan(images.view(shape), flips.view(shape), prompts.view(shape))
+
+    def __init__(self, num_images: int, num_prompts: int, per_image: bool, batch_size: int, flip_p: float,
+                 seed: int):
+        self.num_images, self.num_prompts, self.per_image = num_images, num_prompts, per_image
+        self.batch_size, self.flip_p, self.seed = batch_size, flip_p, seed
+        self._epoch: tuple[int, Tensor] = (-1, torch.empty(0, dtype=torch.long))
+
+    def _image(self, index: int) -> int:
+        epoch, position = divmod(index, self.num_images)
+        if self._epoch[0] != epoch:
+            self._epoch = (epoch, torch.randperm(self.num_images, generator=seeded(self.seed, 0, epoch)))
+        return int(self._epoch[1][position])
+
+    def __getitem__(self, micro: int) -> Draws:
+        first = micro * self.batch_size
+        images = torch.tensor([self._image(first + i) for i in range(self.batch_size)])
+        flips = torch.rand(self.batch_size, generator=seeded(self.seed, 1, micro)) < self.flip_p
+        prompts = images.clone() if self.per_image else torch.randint(
+            self.num_prompts, (self.batch_size,), generator=seeded(self.seed, 2, micro))
+        return Draws(images, flips, prompts)
 
 
 @dataclass
@@ -214,7 +227,7 @@ class HeldOut:
 
 def train(method: Method, host: Host, data: TrainingSet, options: LoopOptions,
           on_step: StepCallback | None = None, on_checkpoint: CheckpointCallback | None = None,
-          resume: TrainState | None = None) -> TrainResult:
+          resume: TrainState | None = None, on_prepare: Callable[[str], None] | None = None) -> TrainResult:
     """Train `method` on `data` through `host`.
 
     Args:
@@ -228,19 +241,22 @@ def train(method: Method, host: Host, data: TrainingSet, options: LoopOptions,
             steps (before `on_step`, so a cancelled step is already saved).
         resume (`TrainState`, *optional*): continue from this checkpoint; with the same settings the result
             equals an uninterrupted run's.
+        on_prepare (`Callable[[str], None]`, *optional*): called with what comes next before each stage of the
+            preparation (encoding the images, the held-out loss); an exception raised by it (Cancel) propagates.
 
     Raises:
         NonFiniteLoss: the loss or a gradient became NaN/inf; the method keeps its last finite parameters.
         ResumeMismatch: `resume` was made with other settings.
     """
+    prepare = on_prepare or (lambda stage: None)
+    prepare("encoding the images")
     encoded = _encode_training_set(host, data, options.flip_p > 0)
     vectors = method.vectors()
     num_vectors = next(iter(vectors.values())).shape[0] if vectors else 0
     prepared = [host.prepare_prompt(p, num_vectors) for p in data.prompts]
-    noise_gen = seeded(options.seed, 4, host.device)
-    plan = sample_plan(len(data.images), len(prepared), data.per_image, options.batch_size,
-                       options.steps * options.grad_accum, options.flip_p, options.seed)
-    plan_dev = SamplePlan(*(t.to(encoded.latents.device) for t in (plan.images, plan.flips, plan.prompts)))
+    noise_gen = seeded(options.seed, 4, device=host.device)
+    plan = SamplePlan(len(data.images), len(prepared), data.per_image, options.batch_size, options.flip_p,
+                      options.seed)
     heldout = (HeldOut.draw(host, encoded, prepared, data.per_image, options.heldout_draws, options.seed)
                if options.heldout_draws else None)
     result = TrainResult()
@@ -259,6 +275,7 @@ def train(method: Method, host: Host, data: TrainingSet, options: LoopOptions,
         result.losses, result.heldout_before, first = list(resume.losses), resume.heldout_before, resume.step + 1
         result.heldout_curve = [(int(s), float(v)) for s, v in resume.heldout_curve]
     elif heldout:
+        prepare("the held-out loss before training")
         result.heldout_before = heldout.loss(host, encoded, method.vectors(), options.batch_size)
         result.heldout_curve.append((0, result.heldout_before))
 
@@ -266,10 +283,11 @@ def train(method: Method, host: Host, data: TrainingSet, options: LoopOptions,
     for step in range(first, options.steps + 1):
         step_loss = torch.zeros((), device=encoded.latents.device)
         for micro in range((step - 1) * options.grad_accum, step * options.grad_accum):
-            idx, flip = plan_dev.images[micro], plan_dev.flips[micro].long()
+            draws = plan[micro]
+            idx, flip = draws.images.to(encoded.latents.device), draws.flips.long().to(encoded.latents.device)
             latents = encoded.latents[flip, idx]                                     # [B, C, h, w]
             mask = None if encoded.masks is None else encoded.masks[flip, idx]
-            cond = host.encode([prepared[i] for i in plan.prompts[micro].tolist()], method.vectors())
+            cond = host.encode([prepared[i] for i in draws.prompts.tolist()], method.vectors())
             noise = torch.randn((len(idx), *latent_shape), generator=noise_gen, device=host.device)
             timesteps = torch.randint(host.num_timesteps, (len(idx),), generator=noise_gen, device=host.device)
             loss = host.loss(latents, cond, noise, timesteps, mask).mean()

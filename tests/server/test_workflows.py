@@ -2,29 +2,21 @@
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from comfy_tier import require_comfyui
 
 tc = require_comfyui()
 
-from concept_forge.nodes.headless import apply_overrides, demo_overrides, merge_overrides  # noqa: E402
-from concept_forge.nodes.workflow_api import workflow_to_prompt  # noqa: E402
+from concept_forge.nodes.headless import demo_overrides  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from ui_workflow import WORKFLOWS, api_prompt  # noqa: E402
 
-WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
 # The workflows only need to run end to end here (the comfy tier tests what training learns): a few steps each.
 PATH_ONLY = {"ConceptForgeLearnConcept": {"steps": 3}, "ConceptForgeTuningEncoder": {"tuning_steps": 2},
              "KSampler": {"steps": 2}}
 NODE_IDS = {"ConceptForgeLearnConcept", "ConceptForgeTrainingOptions", "ConceptForgeSaveConcept",
             "ConceptForgeLoadConcept"}
-
-
-def api_prompt(path, object_info, **changes):
-    prompt = workflow_to_prompt(json.loads(path.read_text()), lambda kind: (object_info.get(kind) or {}).get("input"))
-    apply_overrides(prompt, merge_overrides(demo_overrides(prompt), changes), [])
-    return prompt
 
 
 def test_the_pack_loads_without_errors_under_one_category(server, object_info):

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -113,6 +114,21 @@ class ComfyServer:
         with urllib.request.urlopen(request, timeout=30) as r:
             text = r.read()
         return json.loads(text) if text else None
+
+    def refusal(self, prompt: dict[str, Any]) -> list[str]:
+        """Queue `prompt` expecting the server to refuse it; returns every error message, node by node."""
+        request = urllib.request.Request(f"{self.url}/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                queued = json.load(r)
+        except urllib.error.HTTPError as e:
+            body = json.load(e)
+            assert e.code == 400, body
+            return [f"{error['message']}: {error['details']}" for node in body["node_errors"].values()
+                    for error in node["errors"]] or [f"{body['error']['message']}: {body['error']['details']}"]
+        self.post("/interrupt", {"prompt_id": queued["prompt_id"]})
+        raise AssertionError(f"the server accepted the prompt: {queued}")
 
     def history(self, prompt_id: str, timeout: float = 30) -> dict[str, Any]:
         """The finished prompt's history; the worker writes it just after announcing success, so wait for it."""

@@ -1,11 +1,23 @@
-"""Editing UI-format workflows (what the frontend loads) by widget name, for the browser tests."""
+"""The shipped UI-format workflows for the server tier: as API prompts, and edited by widget name."""
 
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
-from concept_forge.nodes.workflow_api import widgets
+from concept_forge.nodes.headless import apply_overrides, demo_overrides, merge_overrides
+from concept_forge.nodes.workflow_api import widgets, workflow_to_prompt
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
+
+
+def api_prompt(path: Path, object_info: dict[str, Any], **changes: dict[str, Any]) -> dict[str, Any]:
+    """The API prompt of a shipped workflow, on the demo checkpoint and images, with `changes` by node type or id."""
+    prompt = workflow_to_prompt(json.loads(path.read_text()), lambda kind: (object_info.get(kind) or {}).get("input"))
+    apply_overrides(prompt, merge_overrides(demo_overrides(prompt), changes), [])
+    return prompt
 
 
 def with_widgets(workflow: dict[str, Any], object_info: dict[str, Any],

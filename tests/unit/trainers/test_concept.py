@@ -3,7 +3,7 @@ import torch
 from concept_forge.trainers.concept import Concept, name_problem
 
 
-@pytest.mark.parametrize("name", ["my_dog", "dog-2", "v1.5_cat", "A"])
+@pytest.mark.parametrize("name", ["my_dog", "dog-2", "v1.5_cat", "A", "négatif", "日本語", "-neg", "x" * 200])
 def test_prompt_safe_names_are_accepted(name):
     assert name_problem(name) is None
 
@@ -11,7 +11,8 @@ def test_prompt_safe_names_are_accepted(name):
 @pytest.mark.parametrize("name, fragment", [
     ("", "empty"), ("../evil", "path separator"), ("sub/dog", "path separator"), ("a\\b", "path separator"),
     ("my dog", "may only contain"), ("dog,", "may only contain"), ("(dog:1.2)", "may only contain"),
-    (".hidden", "may only contain"), ("x" * 101, "longer than 100"),
+    (".hidden", "may only contain"), ("é" * 130, "longer than a file name can be (240 bytes)"),
+    ("tab\there", "may only contain"),
 ])
 def test_names_a_prompt_or_file_system_cannot_carry_are_refused(name, fragment):
     assert fragment in name_problem(name)

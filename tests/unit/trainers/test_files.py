@@ -50,11 +50,18 @@ def test_sd2_file_uses_emb_params_of_width_1024(tmp_path):
     assert read_concept(path).arch == "sd2"
 
 
+def catversion_concept():
+    tensors = {f"catversion.l.9.{part}": torch.arange(6.0).view(1, 6) + 1 for part in ("keys", "values")}
+    return Concept("cv", "catversion", "sd1", {}, state={"layers": {"l": [9]}, "class_word": "dog", "mask_bias": 1.0},
+                   tensors=tensors)
+
+
 def test_method_tensors_round_trip_beside_the_vectors(tmp_path):
-    concept = Concept("cv", "catversion", "sd1", {}, tensors={"catversion.9.key": torch.arange(6.0).view(1, 6)})
+    concept = catversion_concept()
     path = save_concept(concept, tmp_path / "cv.safetensors")
     back = read_concept(path)
-    assert back.vectors == {} and torch.equal(back.tensors["catversion.9.key"], concept.tensors["catversion.9.key"])
+    assert back.vectors == {} and back.state == concept.state
+    assert torch.equal(back.tensors["catversion.l.9.keys"], concept.tensors["catversion.l.9.keys"])
 
 
 def test_existing_file_is_not_overwritten_without_asking(tmp_path):
@@ -104,7 +111,7 @@ def test_diffusers_token_dict_single_vector(tmp_path):
 
 
 def test_sdxl_third_party(tmp_path):
-    save_file({"clip_g": torch.ones(2, 1280), "clip_l": torch.zeros(2, 768)}, str(tmp_path / "xl.safetensors"))
+    save_file({"clip_g": torch.ones(2, 1280), "clip_l": torch.ones(2, 768)}, str(tmp_path / "xl.safetensors"))
     c = read_concept(tmp_path / "xl.safetensors")
     assert c.arch == "sdxl" and c.vectors["l"].shape == (2, 768) and c.vectors["g"].shape == (2, 1280)
 

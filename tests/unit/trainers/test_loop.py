@@ -3,8 +3,8 @@ import torch
 from concept_forge.trainers.loop import (
     LoopOptions,
     NonFiniteLoss,
+    SamplePlan,
     TrainingSet,
-    sample_plan,
     scaled_learning_rate,
     train,
 )
@@ -30,22 +30,38 @@ def test_learning_rate_scales_with_batch_and_accumulation():
     assert scaled_learning_rate(5e-4, 1, 4) == pytest.approx(2e-3)  # BaTex: 5e-4 × 1 × 4
 
 
+def plan_tensors(plan, micro_steps):
+    draws = [plan[m] for m in range(micro_steps)]
+    return [torch.stack([getattr(d, field) for d in draws]) for field in ("images", "flips", "prompts")]
+
+
 def test_sample_plan_sees_every_image_equally_often():
-    plan = sample_plan(4, 27, False, 3, 8, 0.5, seed=0)
-    assert plan.images.shape == (8, 3)
-    assert torch.bincount(plan.images.flatten(), minlength=4).tolist() == [6, 6, 6, 6]
-    assert plan.prompts.max() < 27 and 0 < int(plan.flips.sum()) < 24
+    images, flips, prompts = plan_tensors(SamplePlan(4, 27, False, 3, 0.5, seed=0), 8)
+    assert images.shape == (8, 3)
+    assert torch.bincount(images.flatten(), minlength=4).tolist() == [6, 6, 6, 6]
+    assert prompts.max() < 27 and 0 < int(flips.sum()) < 24
 
 
-def test_a_shorter_plan_is_a_prefix_of_a_longer_one():
-    short, long = sample_plan(5, 27, False, 2, 7, 0.5, seed=9), sample_plan(5, 27, False, 2, 30, 0.5, seed=9)
-    for a, b in zip((short.images, short.flips, short.prompts), (long.images, long.flips, long.prompts), strict=True):
-        assert torch.equal(a, b[:7])
+def test_any_micro_batch_is_drawn_alone_the_same_as_in_sequence():
+    plan = SamplePlan(5, 27, False, 2, 0.5, seed=9)
+    in_order = plan_tensors(plan, 30)
+    later = SamplePlan(5, 27, False, 2, 0.5, seed=9)  # a resumed run starts mid-plan
+    for micro in (29, 7, 0, 12):
+        draws = later[micro]
+        for field, whole in zip((draws.images, draws.flips, draws.prompts), in_order, strict=True):
+            assert torch.equal(field, whole[micro])
+
+
+def test_a_plan_for_a_huge_run_costs_nothing_up_front():
+    # 100000 steps × batch 64 × accumulation 64, the UI's limits: nothing is drawn before it is asked for
+    plan = SamplePlan(5, 27, False, 64, 0.5, seed=1)
+    draws = plan[100000 * 64 - 1]
+    assert draws.images.shape == (64,) and int(draws.images.max()) < 5
 
 
 def test_captions_follow_their_image():
-    plan = sample_plan(3, 3, True, 2, 6, 0.0, seed=1)
-    assert torch.equal(plan.prompts, plan.images)
+    images, _, prompts = plan_tensors(SamplePlan(3, 3, True, 2, 0.0, seed=1), 6)
+    assert torch.equal(prompts, images)
 
 
 def test_the_vae_runs_once_per_image_and_flipped_image_not_per_step():
