@@ -1,4 +1,4 @@
-"""Benchmark: does BaTex converge faster than TI? (METHODS.md §4; the paper claims it does.)
+"""Benchmark: does BaTex converge faster than TI? (docs/METHODS.md §4; the paper claims it does.)
 
 Trains TI and BaTex, each with its own paper defaults (TI 5e-3, BaTex 5e-4 per sample, both scaled by the batch;
 BaTex M = 720 ranked by dot), for the same steps on the same seeds, and records the held-out loss every `--every`

@@ -1,5 +1,5 @@
 """Applying token concepts to a CLIP in memory: a clone whose tokenizer resolves `embedding:<name>` to the
-concept (COMFYUI.md §1.6-2). Stock CLIP Text Encode on the returned CLIP then uses it; the input CLIP is
+concept (docs/COMFYUI.md §1.6-2). Stock CLIP Text Encode on the returned CLIP then uses it; the input CLIP is
 unchanged. Apply DTI Token builds on this."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""BaTex Options: the settings of Learn Concept's method batex (METHODS.md §4)."""
+"""BaTex Options: the settings of Learn Concept's method batex (docs/METHODS.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CatVersion nodes: CatVersion Options and CatVersion Residual (METHODS.md §5)."""
+"""CatVersion nodes: CatVersion Options and CatVersion Residual (docs/METHODS.md §5)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The ComfyUI host adapter: `trainers.host.Host` on ComfyUI's CLIP, MODEL and VAE.
 
-Every pitfall of training inside ComfyUI (COMFYUI.md §10) is handled here and nowhere else:
+Every pitfall of training inside ComfyUI (docs/COMFYUI.md §10) is handled here and nowhere else:
 - the caller trains inside `torch.inference_mode(False)` and `torch.enable_grad()` (§10.1);
 - CLIP and MODEL are cloned; only the clones are patched, and `close()` unloads them so the user's objects
   come back untouched (§10.5);
@@ -92,7 +92,7 @@ def tokenizer_with_lookup(tokenizer: Any, keys: Sequence[str], lookup: Lookup) -
     """A copy of a ComfyUI tokenizer on which `embedding:<name>` asks `lookup` before the embedding folders.
 
     The copy is shallow except for the per-encoder sub-tokenizers, which get the override; `CLIP.clone()` shares
-    its tokenizer, so the original is never touched (COMFYUI.md §1.6-2). Lookups stack: an earlier override
+    its tokenizer, so the original is never touched (docs/COMFYUI.md §1.6-2). Lookups stack: an earlier override
     stays the fallback of a later one.
     """
     tokenizer = copy.copy(tokenizer)
@@ -163,7 +163,7 @@ class Offsets:
 
 
 class LoraDelta:
-    """A weight wrapper: W + scale·up@down (COMFYUI.md §2.5), differentiable in up and down."""
+    """A weight wrapper: W + scale·up@down (docs/COMFYUI.md §2.5), differentiable in up and down."""
 
     def __init__(self, key: str, offsets: Offsets):
         self.key, self.offsets = key, offsets
@@ -177,7 +177,7 @@ class LoraDelta:
 
 
 def _out_of_place_layer_forward(layer: torch.nn.Module) -> Callable[..., Tensor]:
-    """CLIPLayer.forward without its in-place residual adds, which autograd cannot pass (COMFYUI.md §1.9)."""
+    """CLIPLayer.forward without its in-place residual adds, which autograd cannot pass (docs/COMFYUI.md §1.9)."""
     def forward(x: Tensor, mask: Tensor | None = None, optimized_attention: Any = None) -> Tensor:
         x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
         return x + layer.mlp(layer.layer_norm2(x))
@@ -191,7 +191,7 @@ def _checkpointed(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 
 def _saveable_weights(root: torch.nn.Module) -> None:
-    """Give every inference-tensor parameter an ordinary copy, once (COMFYUI.md §10.2, §2.8).
+    """Give every inference-tensor parameter an ordinary copy, once (docs/COMFYUI.md §10.2, §2.8).
 
     Weights loaded under ComfyUI's inference mode cannot be saved for the backward pass. Copying them once is
     what ComfyUI itself does whenever it moves a model to the GPU outside inference mode; the values are unchanged,

@@ -1,4 +1,4 @@
-"""Directional Textual Inversion nodes: DTI Options, Apply DTI Token and Concept Slerp (METHODS.md §3)."""
+"""Directional Textual Inversion nodes: DTI Options, Apply DTI Token and Concept Slerp (docs/METHODS.md §3)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Where concept files live: `models/embeddings` for token concepts (found by stock `embedding:<name>`) and the
-registered `models/concepts` folder for everything else (COMFYUI.md §6)."""
+registered `models/concepts` folder for everything else (docs/COMFYUI.md §6)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Training progress in ComfyUI: the node's progress bar (which is also the Cancel check), preview images, a
 console line, the step/loss text on the node and live `concept_forge.loss` events for the web chart, whose history
-stays on the server so a reloaded page can redraw the curve (COMFYUI.md §5.5)."""
+stays on the server so a reloaded page can redraw the curve (docs/COMFYUI.md §5.5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Residual keys and values in the self-attention of ComfyUI's CLIP layers (CatVersion; COMFYUI.md §1.8).
+"""Residual keys and values in the self-attention of ComfyUI's CLIP layers (CatVersion; docs/COMFYUI.md §1.8).
 
 `ResidualAttention` replaces a `CLIPAttention.forward` through an object patch on a CLIP clone: it projects q, k
 and v as the original does, appends each active concept's residual keys and values, widens the causal mask by

@@ -1,4 +1,4 @@
-"""Tuning Encoder: one-image personalization in a dozen steps (METHODS.md §6)."""
+"""Tuning Encoder: one-image personalization in a dozen steps (docs/METHODS.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The pack's custom socket types (namespaced, COMFYUI.md §5.4)."""
+"""The pack's custom socket types (namespaced, docs/COMFYUI.md §5.4)."""
 
 from comfy_api.v0_0_2 import io
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Write example_workflows/*.json (ComfyUI's UI format) and their thumbnails from the graphs described below.
+"""Write example_workflows/*.json (ComfyUI's UI format) from the graphs described below; their thumbnails are
+rendered by tools/make_thumbnails.py.
 
 Widget values are laid out from each node's own input definitions, as the frontend saves them, so the files stay
 right when a node gains an input. Needs ComfyUI: COMFYUI_PATH=/path/to/ComfyUI python tools/make_example_workflows.py
@@ -268,33 +269,6 @@ WORKFLOWS = {"learn_concept_ti": learn_concept_ti, "learn_concept_dti": learn_co
              "concept_tools": concept_tools, "one_image_personalization": one_image_personalization}
 
 
-def thumbnail(workflow: dict[str, Any], path: Path) -> None:
-    """A schematic of the graph: node boxes with their titles, links as lines."""
-    from PIL import Image, ImageDraw
-
-    boxes = {n["id"]: (*n["pos"], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in workflow["nodes"]}
-    x0, y0 = min(b[0] for b in boxes.values()) - 20, min(b[1] for b in boxes.values()) - 20
-    x1, y1 = max(b[2] for b in boxes.values()) + 20, max(b[3] for b in boxes.values()) + 20
-    scale = 800 / (x1 - x0)
-    image = Image.new("RGB", (800, max(200, int((y1 - y0) * scale))), "#202020")
-    draw = ImageDraw.Draw(image)
-
-    def at(x: float, y: float) -> tuple[int, int]:
-        return int((x - x0) * scale), int((y - y0) * scale)
-
-    for _, src, _, dst, _, _ in workflow["links"]:
-        a, b = boxes[src], boxes[dst]
-        draw.line([at(a[2], a[1] + 40), at(b[0], b[1] + 40)], fill="#8fb3ff", width=2)
-    for node in workflow["nodes"]:
-        b = boxes[node["id"]]
-        concept = node["type"].startswith("ConceptForge")
-        draw.rounded_rectangle([at(b[0], b[1]), at(b[2], b[3])], radius=6, fill="#3a2d5c" if concept else "#353535",
-                               outline="#b197fc" if concept else "#555555", width=2)
-        draw.text(at(b[0] + 10, b[1] + 8), node.get("title") or node["type"].replace("ConceptForge", ""),
-                  fill="#ffffff")
-    image.save(path, quality=90)
-
-
 def main() -> None:
     comfyui = os.environ.get("COMFYUI_PATH") or sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
     sys.path.insert(0, comfyui)
@@ -318,8 +292,7 @@ def main() -> None:
         build(graph)
         workflow = graph.workflow()
         (OUT / f"{name}.json").write_text(json.dumps(workflow, indent=1) + "\n")
-        thumbnail(workflow, OUT / f"{name}.jpg")
-        print(f"wrote {OUT / name}.json and .jpg")
+        print(f"wrote {OUT / name}.json")
 
 
 if __name__ == "__main__":

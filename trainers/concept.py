@@ -1,4 +1,4 @@
-"""The CONCEPT value: what a method learned, for which base model, and how (DESIGN.md, "The concept value")."""
+"""The CONCEPT value: what a method learned, for which base model, and how (docs/DESIGN.md, "The concept value")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pretraining the tuning encoder over a folder of images, on one process or many (torchrun, DDP; METHODS.md §6).
+"""Pretraining the tuning encoder over a folder of images, on one process or many (torchrun, DDP; docs/METHODS.md §6).
 
 Each step every process takes its shard of the batch, predicts an embedding and LoRA offsets for each image,
 and scores them by the diffusion loss of that image under its own prediction (the offsets go through the host's

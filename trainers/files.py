@@ -1,4 +1,4 @@
-"""Concept files (DESIGN.md, "The concept value and its files").
+"""Concept files (docs/DESIGN.md, "The concept value and its files").
 
 Token concepts (TI, DTI, BaTex) are written in the layout every embedding loader reads: SD 1.x/2.x a single
 tensor `emb_params` [n, d]; SDXL exactly `clip_l` [n, 768] and `clip_g` [n, 1280]. Everything else a concept

@@ -1,4 +1,4 @@
-"""The interface the trainers see of a text-to-image model (DESIGN.md, "The host interface").
+"""The interface the trainers see of a text-to-image model (docs/DESIGN.md, "The host interface").
 
 `nodes/comfy_host.py` implements it on ComfyUI's CLIP, MODEL and VAE; the unit tests implement it on tiny torch
 modules. Everything model-specific — tokenisation, which layer conditions the UNet, sigma versus timestep,
@@ -62,10 +62,10 @@ class Host(Protocol):
                              mask_bias: float) -> None:
         """From now on, layer i of encoder `key` concatenates `residuals[key][i]` = (keys [t, d], values [t, d])
         to its self-attention's K and V (after the projections), every query seeing them with logit bias
-        `mask_bias`. The tensors are used as given, so gradients reach them (CatVersion, METHODS.md §5)."""
+        `mask_bias`. The tensors are used as given, so gradients reach them (CatVersion, docs/METHODS.md §5)."""
 
     def unet_targets(self, kind: str) -> list[tuple[str, int, int]]:
-        """The UNet's attention projections of `kind` as (weight key, out, in) (tuning encoder, METHODS.md §6)."""
+        """The UNet's attention projections of `kind` as (weight key, out, in) (tuning encoder, docs/METHODS.md §6)."""
 
     def wrap_unet_weights(self, offsets: Mapping[str, tuple[Tensor, Tensor]], scale: float) -> None:
         """From now on, weight `key` is W + scale·up@down for `offsets[key]` = (up [out, r], down [r, in]),

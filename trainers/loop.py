@@ -1,4 +1,4 @@
-"""The one training loop every method shares (DESIGN.md, "One loop for all methods").
+"""The one training loop every method shares (docs/DESIGN.md, "One loop for all methods").
 
 It owns what no method should repeat: latents encoded once, prompt sampling, seeded noise and timesteps,
 gradient accumulation, learning-rate scaling, the NaN guard, progress/cancel callbacks and a held-out loss.
@@ -28,7 +28,7 @@ CheckpointCallback = Callable[[TrainState], None]
 def scaled_learning_rate(base: float, batch_size: int, grad_accum: int) -> float:
     """The effective learning rate: base × batch size × accumulation steps.
 
-    This is the `scale_lr` rule of official TI, DTI, BaTex and CatVersion (METHODS.md §2b, §3b, §4b), so a
+    This is the `scale_lr` rule of official TI, DTI, BaTex and CatVersion (docs/METHODS.md §2b, §3b, §4b), so a
     method's per-sample default (TI 5e-3, DTI 0.01) keeps its meaning at any batch size.
     """
     return base * batch_size * grad_accum

@@ -1,4 +1,4 @@
-"""Spherical interpolation between two token concepts (DTI project page; METHODS.md §3a "Slerp").
+"""Spherical interpolation between two token concepts (DTI project page; docs/METHODS.md §3a "Slerp").
 
 Directions move along the great circle, per encoder and per vector: v(t) = [sin((1−t)Ω)·a + sin(tΩ)·b] / sin Ω.
 Magnitudes are interpolated linearly, so two DTI concepts of one model, both at the vocabulary's norm m*, stay

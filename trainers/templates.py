@@ -1,4 +1,4 @@
-"""Training prompts: the diffusers template lists (METHODS.md §2b) or one caption per image.
+"""Training prompts: the diffusers template lists (docs/METHODS.md §2b) or one caption per image.
 
 `{}` marks the concept's slot in every prompt.
 """

@@ -1,8 +1,8 @@
-"""The domain-agnostic tuning encoder (Arar et al., arXiv 2307.06925, after E4T, arXiv 2302.12228; METHODS.md §6).
+"""The domain-agnostic tuning encoder (Arar et al., arXiv 2307.06925, after E4T, arXiv 2302.12228; docs/METHODS.md §6).
 
 From one image of a concept it predicts (1) a token embedding near the class word's and (2) rank-r LoRA offsets
 for the UNet's attention projections; a few tuning steps then refine both. No official code or weights exist, so
-the architecture below is this pack's reading of the paper, with METHODS.md §6's recommended choices:
+the architecture below is this pack's reading of the paper, with docs/METHODS.md §6's recommended choices:
 
 - features: the CLIP vision encoder's penultimate hidden states (projected per token, then averaged, as the
   unofficial E4T does) and the UNet encoder's block outputs on the noisy latent (spatially averaged);
@@ -115,7 +115,7 @@ def nearest_tokens(embeddings: Tensor, table: Tensor, k: int = 1) -> Tensor:
 
 
 def contrastive_loss(embeddings: Tensor, table: Tensor, k: int = 3, temperature: float = 0.07) -> Tensor:
-    """The nearest-CLIP-token contrastive term (METHODS.md §6.2, this pack's formula; k and τ are not the paper's).
+    """The nearest-CLIP-token contrastive term (docs/METHODS.md §6.2, this pack's formula; k and τ are not the paper's).
 
     For each predicted embedding e_i [N, d]: its k nearest vocabulary rows are positives, the other embeddings of
     the batch negatives; L = −(1/k) Σ_p log[exp(cos(e_i, p)/τ) / (exp(cos(e_i, p)/τ) + Σ_{j≠i} exp(cos(e_i, e_j)/τ))].

@@ -1,4 +1,4 @@
-"""The toy world's tiny models, built from ComfyUI's own classes (COMFYUI.md §8.2), and their weight files.
+"""The toy world's tiny models, built from ComfyUI's own classes (docs/COMFYUI.md §8.2), and their weight files.
 
 Importing this module imports ComfyUI from $COMFYUI_PATH, on the GPU when torch sees one (the build takes
 minutes there) and otherwise with `args.cpu = True` (set before comfy.model_management looks for a GPU); in fp32
@@ -153,7 +153,7 @@ def token_ids(clip: Any, text: str) -> list[int]:
 
 
 def _out_of_place(layer: torch.nn.Module) -> Callable[..., torch.Tensor]:
-    """CLIPLayer.forward without its in-place residual adds, which break autograd (COMFYUI.md §1.9)."""
+    """CLIPLayer.forward without its in-place residual adds, which break autograd (docs/COMFYUI.md §1.9)."""
     def forward(x: torch.Tensor, mask: torch.Tensor | None = None, optimized_attention: Any = None) -> torch.Tensor:
         x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
         return x + layer.mlp(layer.layer_norm2(x))

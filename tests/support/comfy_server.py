@@ -1,4 +1,4 @@
-"""A headless ComfyUI (`main.py --cpu`) with the pack installed, for the server tier (COMFYUI.md §8.3).
+"""A headless ComfyUI (`main.py --cpu`) with the pack installed, for the server tier (docs/COMFYUI.md §8.3).
 
 The base folder is a temporary one: the demo checkpoint and images are written into it, the pack is linked into
 a custom_nodes folder given through --extra-model-paths-config, and nothing touches the ComfyUI checkout.

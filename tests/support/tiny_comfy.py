@@ -1,4 +1,4 @@
-"""Tiny models built from ComfyUI's own classes (COMFYUI.md §8.2) for the ComfyUI test tiers.
+"""Tiny models built from ComfyUI's own classes (docs/COMFYUI.md §8.2) for the ComfyUI test tiers.
 
 Importing this module imports ComfyUI from $COMFYUI_PATH with `args.cpu = True` (before
 comfy.model_management, which would otherwise look for a GPU). Models are built under

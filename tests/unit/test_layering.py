@@ -1,4 +1,4 @@
-"""DESIGN.md's layering: `trainers/` is plain torch and never imports ComfyUI."""
+"""docs/DESIGN.md's layering: `trainers/` is plain torch and never imports ComfyUI."""
 
 import ast
 from pathlib import Path

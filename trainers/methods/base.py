@@ -39,7 +39,7 @@ class Method(Protocol):
 def init_vectors(host: Host, init_word: str, num_vectors: int = 0) -> dict[str, Tensor]:
     """Initial token vectors from the init word's vocabulary rows, per text encoder.
 
-    A word that tokenises into k tokens gives k vectors, each from its token (METHODS.md §3a); `num_vectors`
+    A word that tokenises into k tokens gives k vectors, each from its token (docs/METHODS.md §3a); `num_vectors`
     > k repeats them in order. The raw token rows are used, not the position-shifted embeddings (§2b quirk).
 
     Args:

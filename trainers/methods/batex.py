@@ -1,4 +1,4 @@
-"""BaTex: textual inversion inside a subspace spanned by vocabulary rows (Du et al., arXiv 2407.00608; METHODS.md §4).
+"""BaTex: textual inversion inside a subspace spanned by vocabulary rows (Du et al., arXiv 2407.00608; docs/METHODS.md §4).
 
 Every vocabulary row is ranked against the init token's row u; the top M rows form a basis B [M, d], and only the
 weights w ∈ R^M of the concept vector e = Bᵀw are learned (AdamW, weight decay on w). The vector can therefore
@@ -13,7 +13,7 @@ Decisions of this pack, where upstream differs or is silent:
 - `cosine` ranks by the true cosine of each row with u; upstream's branch compares along the wrong axis.
 - A multi-token init word gives one vector per token, each with its own basis ranked against its own token's
   row; SDXL keeps one basis per encoder (`l`, `g`) and SD 2.x one for `h`.
-- `target_rank` (METHODS.md §4e) grows M until rank(B) reaches it, the "change M to get a satisfying rank"
+- `target_rank` (docs/METHODS.md §4e) grows M until rank(B) reaches it, the "change M to get a satisfying rank"
   step of upstream's select-strategy notebook.
 """
 
@@ -37,7 +37,7 @@ _CHUNK = 8192  # vocabulary rows scored at a time, so an fp16 table is never cop
 
 @dataclass(frozen=True)
 class Options:
-    """BaTex settings; the defaults are the official `regression.sh` recipe (METHODS.md §4b).
+    """BaTex settings; the defaults are the official `regression.sh` recipe (docs/METHODS.md §4b).
 
     Args:
         learning_rate (`float`, defaults to 5e-4): per sample; the loop scales it by batch × accumulation
@@ -169,7 +169,7 @@ def grow_to_rank(table: Tensor, order: Tensor, size: int, target_rank: int, seco
 
 def select_basis(table: Tensor, init_id: int, options: Options, generator: torch.Generator | None = None,
                  second_id: int | None = None) -> Tensor:
-    """The vocabulary ids of one basis B (METHODS.md §4a), the init token's row first.
+    """The vocabulary ids of one basis B (docs/METHODS.md §4a), the init token's row first.
 
     Args:
         table (`Tensor`): the frozen vocabulary [V, d].

@@ -1,4 +1,4 @@
-"""CatVersion (Zhao et al., arXiv 2311.14631; METHODS.md §5; official code RoyZhao926/CatVersion).
+"""CatVersion (Zhao et al., arXiv 2311.14631; docs/METHODS.md §5; official code RoyZhao926/CatVersion).
 
 The concept is a residual in the text encoder's "feature-dense" space: for each of the last self-attention layers
 feeding the UNet, learned key and value vectors are concatenated to K and V after their projections (per head),

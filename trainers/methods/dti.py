@@ -1,4 +1,4 @@
-"""Directional Textual Inversion (Kim et al., arXiv 2512.13672; METHODS.md §3; official code kunheek/dti).
+"""Directional Textual Inversion (Kim et al., arXiv 2512.13672; docs/METHODS.md §3; official code kunheek/dti).
 
 Each learned vector is m*·v with ‖v‖ = 1: the magnitude is pinned to the "in-distribution" norm m* of the
 encoder's own vocabulary (its mean row norm, computed at run time per encoder), and only the direction v trains,
@@ -57,7 +57,7 @@ def tangent_direction(v: Tensor, grad: Tensor, mu: Tensor, kappa: float) -> Tens
 
 
 class SphericalSGD(torch.optim.Optimizer):
-    """Riemannian SGD on the unit sphere for [n, d] parameters whose rows are unit vectors (METHODS.md §3a).
+    """Riemannian SGD on the unit sphere for [n, d] parameters whose rows are unit vectors (docs/METHODS.md §3a).
 
     Each step: tangent gradient g_T; s ← β·s + (1−β)·‖g_T‖², ŝ = s / (1 − β^t); v ← v − lr·g_T / (√ŝ + ε);
     v ← v / ‖v‖. With β = 0 every step is a unit tangent step, a rotation of arctan(lr) per row.

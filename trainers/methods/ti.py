@@ -1,4 +1,4 @@
-"""Textual Inversion (Gal et al. 2022, arXiv 2208.01618; METHODS.md §2).
+"""Textual Inversion (Gal et al. 2022, arXiv 2208.01618; docs/METHODS.md §2).
 
 The new token vectors are the only parameters: the vocabulary table never gets a gradient (official TI passes
 only the placeholder to AdamW; diffusers instead trains the whole table and restores the other rows).

@@ -1,9 +1,9 @@
-"""Tuning a tuning encoder's prediction for ≤ 12 steps (METHODS.md §6): the token embedding and the LoRA offsets.
+"""Tuning a tuning encoder's prediction for ≤ 12 steps (docs/METHODS.md §6): the token embedding and the LoRA offsets.
 
 The parameters start at the encoder's prediction — or, without encoder weights, at the class word's rows and
 zero offsets (up = 0, down random, as LoRA initialises), which makes this a fast LoRA + embedding tuner. The
 offsets act on the UNet through the host's differentiable weight wrappers. With `blend` < 1 the loss uses the
-dual path of METHODS.md §6.2: blend·(soft embedding, W + ΔW) + (1 − blend)·(nearest hard token, W).
+dual path of docs/METHODS.md §6.2: blend·(soft embedding, W + ΔW) + (1 − blend)·(nearest hard token, W).
 Choices the paper does not report (learning rate, blend, penalty, targets) are this pack's, marked as such.
 """
 

@@ -25,7 +25,7 @@ def ti_run(host=None, steps=10, seed=0, on_step=None, **options):
 
 
 def test_learning_rate_scales_with_batch_and_accumulation():
-    # DTI's SDXL recipe: 0.01 per sample at batch 4 is 0.04 (METHODS.md §3b)
+    # DTI's SDXL recipe: 0.01 per sample at batch 4 is 0.04 (docs/METHODS.md §3b)
     assert scaled_learning_rate(0.01, 4, 1) == pytest.approx(0.04)
     assert scaled_learning_rate(5e-4, 1, 4) == pytest.approx(2e-3)  # BaTex: 5e-4 × 1 × 4
 

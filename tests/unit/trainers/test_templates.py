@@ -3,7 +3,7 @@ from concept_forge.trainers.templates import OBJECT_TEMPLATES, STYLE_TEMPLATES, 
 
 
 def test_template_lists_are_the_diffusers_ones():
-    # 27 object and 19 style templates (METHODS.md §2b); each has exactly one slot
+    # 27 object and 19 style templates (docs/METHODS.md §2b); each has exactly one slot
     assert len(OBJECT_TEMPLATES) == 27 and len(STYLE_TEMPLATES) == 19
     assert all(t.count("{}") == 1 for t in OBJECT_TEMPLATES + STYLE_TEMPLATES)
     assert OBJECT_TEMPLATES[0] == "a photo of a {}" and STYLE_TEMPLATES[-1] == "a large painting in the style of {}"
