@@ -42,8 +42,9 @@ class BaTexOptions(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sum_to_one: float = 0.0, weight_decay: float = 0.01) -> bool | str:
-        return schema_problem(cls, "BaTex Options", sum_to_one=sum_to_one, weight_decay=weight_decay) or True
+    def validate_inputs(cls, ranking: str = "dot", sum_to_one: float = 0.0, weight_decay: float = 0.01) -> bool | str:
+        return schema_problem(cls, "BaTex Options", ranking=ranking, sum_to_one=sum_to_one,
+                              weight_decay=weight_decay) or True
 
     @classmethod
     def execute(cls, basis_size, ranking, second_token, target_rank, sum_to_one, weight_decay,

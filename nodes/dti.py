@@ -65,8 +65,10 @@ class DTIOptions(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, kappa: float = 1e-4, magnitude_value: float = 0.4, beta: float = 0.0) -> bool | str:
-        return schema_problem(cls, "DTI Options", kappa=kappa, magnitude_value=magnitude_value, beta=beta) or True
+    def validate_inputs(cls, kappa: float = 1e-4, magnitude: str = "mean", magnitude_value: float = 0.4,
+                        beta: float = 0.0) -> bool | str:
+        return schema_problem(cls, "DTI Options", kappa=kappa, magnitude=magnitude, magnitude_value=magnitude_value,
+                              beta=beta) or True
 
     @classmethod
     def execute(cls, kappa, magnitude, magnitude_value, beta, train_magnitude) -> io.NodeOutput:
@@ -97,8 +99,8 @@ class ApplyDTIToken(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, strength: float = 1.0) -> bool | str:
-        return schema_problem(cls, APPLY, strength=strength) or True
+    def validate_inputs(cls, strength: float = 1.0, magnitude: str = "keep") -> bool | str:
+        return schema_problem(cls, APPLY, strength=strength, magnitude=magnitude) or True
 
     @classmethod
     def execute(cls, clip, concept, strength, magnitude) -> io.NodeOutput:

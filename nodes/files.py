@@ -97,6 +97,15 @@ class SaveConcept(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, name: str = "") -> bool | str:
+        problem = schema_problem(cls, SAVE, name=name)
+        if problem:
+            return problem
+        if name.strip() and name_problem(name.strip()):  # empty keeps the concept's own name, known only later
+            return f"{SAVE}: {name_problem(name.strip())}. Use letters, digits, '_', '-' or '.'."
+        return True
+
+    @classmethod
     def execute(cls, concept, name, overwrite, export_stock_files=False) -> io.NodeOutput:
         return io.NodeOutput(ui=ui.PreviewText(save(concept, name, overwrite, export_stock_files)))
 

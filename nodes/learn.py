@@ -111,12 +111,15 @@ class LearnConcept(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name: str = "my_concept", init_word: str = "object", prompts: str = "object",
-                        captions: str = "", learning_rate: float = 0.0) -> bool | str:
-        problem = schema_problem(cls, NODE, name=name, init_word=init_word, prompts=prompts, captions=captions,
-                                 learning_rate=learning_rate) or name_problem(name)
+    def validate_inputs(cls, name: str = "my_concept", init_word: str = "object", method: str = "ti",
+                        learning_rate: float = 0.0, prompts: str = "object", precision: str = "auto",
+                        captions: str = "") -> bool | str:
+        problem = schema_problem(cls, NODE, name=name, init_word=init_word, method=method, learning_rate=learning_rate,
+                                 prompts=prompts, precision=precision, captions=captions)
         if problem:
-            return f"{NODE}: {problem}."
+            return problem
+        if name_problem(name):
+            return f"{NODE}: {name_problem(name)}."
         if not init_word.strip():
             return f"{NODE}: init_word is empty; give a word close to the concept, such as 'dog' or 'painting'."
         if prompts == "captions" and not (captions or "").strip():
@@ -168,6 +171,10 @@ class TrainingOptionsNode(io.ComfyNode):
             outputs=[TrainingOptionsIO.Output("training_options", display_name="training_options",
                                               tooltip="Connect to Learn Concept.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, flip: str = "method default") -> bool | str:
+        return schema_problem(cls, "Training Options", flip=flip) or True
 
     @classmethod
     def execute(cls, gradient_accumulation, flip, scale_learning_rate, checkpoint_every, resume) -> io.NodeOutput:

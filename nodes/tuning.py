@@ -121,12 +121,15 @@ class TuningEncoderNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name: str = "my_concept", class_word: str = "object", learning_rate: float = 0.0,
+    def validate_inputs(cls, name: str = "my_concept", class_word: str = "object", encoder: str = NO_ENCODER,
+                        learning_rate: float = 0.0, targets: str = "attention q/k/v/out",
                         blend: float = 1.0) -> bool | str:
-        problem = schema_problem(cls, NODE, name=name, class_word=class_word, learning_rate=learning_rate,
-                                 blend=blend) or name_problem(name)
+        problem = schema_problem(cls, NODE, name=name, class_word=class_word, encoder=encoder,
+                                 learning_rate=learning_rate, targets=targets, blend=blend)
         if problem:
-            return f"{NODE}: {problem}."
+            return problem
+        if name_problem(name):
+            return f"{NODE}: {name_problem(name)}."
         return True if class_word.strip() else f"{NODE}: class_word is empty; give the concept's class, e.g. 'dog'."
 
     @classmethod

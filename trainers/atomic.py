@@ -36,7 +36,6 @@ def write_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike[str
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a saved concept is an ordinary file
         try:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
                       metadata=dict(metadata or {}))
@@ -46,6 +45,7 @@ def write_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike[str
             raise OSError(f"could not write {path.name}: {e}") from e  # safetensors' SafetensorError (a full disk)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600; a saved concept is an ordinary file
         if overwrite:
             os.replace(tmp, path)
         else:

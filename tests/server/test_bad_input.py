@@ -13,6 +13,20 @@ LEARN, SLERP, DTI = (next(p for p in WORKFLOWS if p.stem == stem)
                      for stem in ("learn_concept_ti", "concept_slerp", "learn_concept_dti"))
 NAN = float("nan")
 
+
+def through(prompt, target, object_info):
+    """`prompt` without the outputs that do not depend on node `target`: ComfyUI runs the valid outputs of a
+    prompt and drops the others, so a refusal shows only when every output passes through the bad node."""
+    def ancestors(node_id, seen):
+        for value in prompt[node_id]["inputs"].values():
+            if isinstance(value, list) and value[0] not in seen:
+                seen.add(value[0])
+                ancestors(value[0], seen)
+        return seen
+
+    return {k: v for k, v in prompt.items()
+            if not object_info[v["class_type"]].get("output_node") or k == target or target in ancestors(k, set())}
+
 CASES = [  # (workflow, node type, input, value, what the refusal says)
     (LEARN, "ConceptForgeLearnConcept", "steps", 10**9, "bigger than max of 100000"),
     (LEARN, "ConceptForgeLearnConcept", "batch_size", 0, "smaller than min of 1"),
@@ -20,20 +34,21 @@ CASES = [  # (workflow, node type, input, value, what the refusal says)
                                                                "range 0 to 1."),
     (LEARN, "ConceptForgeLearnConcept", "learning_rate", NAN, "Learn Concept: learning_rate is nan; give a finite "
                                                               "number."),
-    (LEARN, "ConceptForgeLearnConcept", "method", "foo", "Value not in list"),
-    (LEARN, "ConceptForgeLearnConcept", "precision", "foo", "Value not in list"),
+    (LEARN, "ConceptForgeLearnConcept", "method", "foo", "Learn Concept: method is 'foo', which is not one of its "
+                                                         "choices (ti, dti, batex, catversion)."),
+    (LEARN, "ConceptForgeLearnConcept", "precision", "foo", "Learn Concept: precision is 'foo', which is not one"),
     (LEARN, "ConceptForgeLearnConcept", "resolution", 4096, "bigger than max of 2048"),
     (LEARN, "ConceptForgeLearnConcept", "prompts", "foo", "Learn Concept: prompts is 'foo', which is not one of its "
                                                           "choices (object, style, captions)."),
-    (LEARN, "ConceptForgeLearnConcept", "name", 123, "Learn Concept: name must be text, got 123."),
+    (LEARN, "ConceptForgeLearnConcept", "name", "my dog", "Learn Concept: 'my dog' may only contain letters"),
     (LEARN, "ConceptForgeTrainingOptions", "gradient_accumulation", 65, "bigger than max of 64"),
     (LEARN, "ConceptForgeSaveConcept", "name", "../evil", "Save Concept"),
     (SLERP, "ConceptForgeConceptSlerp", "t", NAN, "Concept Slerp: t is nan; give a finite number."),
     (SLERP, "ConceptForgeConceptSlerp", "t", 1.5, "Concept Slerp: t is 1.5, outside its range 0 to 1."),
     (SLERP, "ConceptForgeApplyDTIToken", "strength", NAN, "Apply DTI Token: strength is nan; give a finite number."),
-    (SLERP, "ConceptForgeApplyDTIToken", "magnitude", "foo", "Value not in list"),
+    (SLERP, "ConceptForgeApplyDTIToken", "magnitude", "foo", "Apply DTI Token: magnitude is 'foo', which is not"),
     (DTI, "ConceptForgeDTIOptions", "kappa", NAN, "DTI Options: kappa is nan; give a finite number."),
-    (DTI, "ConceptForgeDTIOptions", "beta", 1.0, "bigger than max of 0.9999"),
+    (DTI, "ConceptForgeDTIOptions", "beta", 1.0, "DTI Options: beta is 1, outside its range 0 to 0.9999."),
 ]
 
 
@@ -44,22 +59,35 @@ def test_the_server_refuses_bad_input_naming_node_input_and_fix(server, object_i
     prompt = api_prompt(workflow, object_info)
     target = next(k for k, v in prompt.items() if v["class_type"] == node)
     prompt[target]["inputs"][name] = value
-    errors = server.refusal(prompt)
+    errors = server.refusal(through(prompt, target, object_info))
     assert any(message in error for error in errors), errors
 
 
-def test_every_float_input_of_every_node_refuses_nan(server, object_info):
+def test_every_float_and_choice_input_of_every_node_refuses_what_its_schema_does_not_allow(server, object_info):
+    """NaN passes every min/max comparison, and ComfyUI 0.3.64 checks no V3 combo: each node must refuse both."""
     checked = set()
     for workflow in WORKFLOWS:  # every node is in a shipped workflow (test_workflows checks that)
         prompt = api_prompt(workflow, object_info)
         for node_id, node in prompt.items():
             kind = node["class_type"]
+            if not kind.startswith("ConceptForge") or kind in checked:
+                continue
             spec = object_info[kind]["input"]
-            floats = [n for section in ("required", "optional") for n, s in spec.get(section, {}).items()
-                      if s[0] == "FLOAT" and n in node["inputs"]]
-            for name in floats if kind.startswith("ConceptForge") and kind not in checked else ():
-                bad = {**prompt, node_id: {**node, "inputs": {**node["inputs"], name: NAN}}}
-                errors = server.refusal(bad)
-                assert any(f"{name} is nan; give a finite number." in e for e in errors), (kind, name, errors)
+            for name, (kind_of_input, *_) in ((n, s) for section in ("required", "optional")
+                                              for n, s in spec.get(section, {}).items()):
+                if name not in node["inputs"] or isinstance(node["inputs"][name], list):
+                    continue  # absent or linked
+                bad_value, message = {"FLOAT": (NAN, f"{name} is nan; give a finite number."),
+                                      "COMBO": ("no such choice", f"{name} is 'no such choice', which is not one of "
+                                                                  "its choices")}.get(kind_of_input, (None, None))
+                if kind_of_input == "COMBO" and name == "file":
+                    bad_value, message = "embeddings/../../secrets.pt", "was not found"
+                if bad_value is None:
+                    continue
+                bad = {**prompt, node_id: {**node, "inputs": {**node["inputs"], name: bad_value}}}
+                errors = server.refusal(through(bad, node_id, object_info))
+                assert any(message in e for e in errors), (kind, name, errors)
                 checked.add(kind)
-    assert len(checked) >= 8  # Learn Concept, Tuning Encoder, Slerp, Apply DTI, 3 options nodes, CatVersion Residual
+    assert checked == {f"ConceptForge{n}" for n in ("LearnConcept", "TrainingOptions", "TuningEncoder", "ApplyDTIToken",
+                                                    "ConceptSlerp", "DTIOptions", "BaTexOptions", "CatVersionOptions",
+                                                    "CatVersionResidual", "LoadConcept")}  # all with a float or a choice

@@ -127,7 +127,8 @@ class ComfyServer:
             assert e.code == 400, body
             return [f"{error['message']}: {error['details']}" for node in body["node_errors"].values()
                     for error in node["errors"]] or [f"{body['error']['message']}: {body['error']['details']}"]
-        self.post("/interrupt", {"prompt_id": queued["prompt_id"]})
+        self.post("/queue", {"delete": [queued["prompt_id"]]})
+        self.wait_until_idle()
         raise AssertionError(f"the server accepted the prompt: {queued}")
 
     def history(self, prompt_id: str, timeout: float = 30) -> dict[str, Any]:

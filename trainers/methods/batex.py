@@ -1,4 +1,4 @@
-"""BaTex: textual inversion inside a subspace spanned by vocabulary rows (Du et al., arXiv 2407.00608; docs/METHODS.md §4).
+"""BaTex: textual inversion in a subspace spanned by vocabulary rows (Du et al., arXiv 2407.00608; docs/METHODS.md §4).
 
 Every vocabulary row is ranked against the init token's row u; the top M rows form a basis B [M, d], and only the
 weights w ∈ R^M of the concept vector e = Bᵀw are learned (AdamW, weight decay on w). The vector can therefore

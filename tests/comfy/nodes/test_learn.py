@@ -185,3 +185,32 @@ def test_the_loss_history_is_kept_for_a_reloaded_page(model_folders):
     history = LOSS_HISTORY["7"]
     assert history["steps"] == [1, 2, 3, 4, 5] and history["losses"] == out.args[2]["loss"]
     assert history["running"] is False and history["total"] == 5
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_training_and_returns_the_concept(model_folders, monkeypatch):
+    from concept_forge.trainers import atomic
+
+    def disk_full(tensors, filename, metadata=None):
+        raise atomic_error("Error while serializing: IoError(No space left on device)")
+
+    atomic_error = type("SafetensorError", (Exception,), {})  # what safetensors raises: no OSError
+    monkeypatch.setattr(atomic, "save_file", disk_full)
+    from concept_forge.nodes.training import TrainingOptions
+
+    out = run_node(LearnConcept, **learn_inputs(steps=4, training_options=TrainingOptions(checkpoint_every=2)))
+    concept = out.args[0]
+    assert concept.is_finite() and concept.provenance["steps"] == 4  # the run finished: nothing was lost
+    assert not [p for p in model_folders.rglob("*") if p.is_file()]  # and no temporary file was left behind
+
+
+def test_cancel_while_preparing_stops_before_the_first_step(model_folders):
+    seen = []
+    mm.interrupt_current_processing(True)  # Cancel pressed while the images are still being prepared
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            comfy.utils.set_progress_bar_global_hook(lambda value, *a, **k: seen.append(value))
+            run_node(LearnConcept, **learn_inputs(steps=50))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    assert seen == []

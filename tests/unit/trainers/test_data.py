@@ -40,3 +40,11 @@ def test_one_mask_serves_all_images_and_empty_masks_are_refused():
         prepare_masks(torch.zeros(2, 8, 8), 2, 8)
     with pytest.raises(ValueError, match="one mask per image"):
         prepare_masks(torch.ones(2, 8, 8), 3, 8)
+
+
+def test_an_extreme_aspect_ratio_is_cropped_before_it_is_resized():
+    # resizing the whole 1 × 5000 strip to 2048 px on its short side would take 251 GB
+    strip = torch.rand(1, 5000, 3)
+    out = prepare_images([strip], 2048)
+    assert out.shape == (1, 2048, 2048, 3)
+    assert torch.allclose(out[0], strip[0, 2499].expand(2048, 2048, 3), atol=1e-5)  # the centre pixel, everywhere
