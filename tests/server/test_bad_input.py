@@ -88,6 +88,6 @@ def test_every_float_and_choice_input_of_every_node_refuses_what_its_schema_does
                 errors = server.refusal(through(bad, node_id, object_info))
                 assert any(message in e for e in errors), (kind, name, errors)
                 checked.add(kind)
-    assert checked == {f"ConceptForge{n}" for n in ("LearnConcept", "TrainingOptions", "TuningEncoder", "ApplyDTIToken",
-                                                    "ConceptSlerp", "DTIOptions", "BaTexOptions", "CatVersionOptions",
-                                                    "CatVersionResidual", "LoadConcept")}  # all with a float or a choice
+    with_float_or_choice = ("LearnConcept", "TrainingOptions", "TuningEncoder", "ApplyDTIToken", "ConceptSlerp",
+                            "DTIOptions", "BaTexOptions", "CatVersionOptions", "CatVersionResidual", "LoadConcept")
+    assert checked == {f"ConceptForge{n}" for n in with_float_or_choice}
