@@ -236,7 +236,7 @@ def run(ns: argparse.Namespace) -> int:
     terminal = TerminalServer()
     server.PromptServer.instance = terminal  # the nodes send their live loss to it
     comfy.utils.set_progress_bar_global_hook(terminal.progress)
-    executor = execution.PromptExecutor(terminal, cache_type=execution.CacheType.CLASSIC)
+    executor = execution.PromptExecutor(terminal, cache_type=execution.CacheType.CLASSIC, **executor_cache_args())
     start = time.perf_counter()
     executor.execute(prompt, prompt_id, {}, outputs)
     elapsed = time.perf_counter() - start
@@ -259,6 +259,18 @@ def run(ns: argparse.Namespace) -> int:
     for path in sorted(p for p, stamp in after.items() if before.get(p) != stamp):
         print(f"  {path}")
     return 0
+
+
+def executor_cache_args() -> dict[str, Any]:
+    """The cache settings PromptExecutor takes as main.py passes them: ComfyUI >= 0.4 needs `cache_args`."""
+    import inspect
+
+    import execution
+    from comfy.cli_args import args
+
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return {"cache_args": {"lru": args.cache_lru, "ram": getattr(args, "cache_ram", 0)}}
+    return {}
 
 
 def prepare_demo() -> None:
