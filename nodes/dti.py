@@ -138,7 +138,7 @@ class ConceptSlerp(io.ComfyNode):
         problem = schema_problem(cls, SLERP, name=name, t=t)
         if problem:
             return problem
-        problem = name_problem(name)
+        problem = name_problem(name) if name is not None else None  # None: linked, checked when the node runs
         return f"{SLERP}: {problem}." if problem else True
 
     @classmethod

@@ -101,7 +101,7 @@ class SaveConcept(io.ComfyNode):
         problem = schema_problem(cls, SAVE, name=name)
         if problem:
             return problem
-        if name.strip() and name_problem(name.strip()):  # empty keeps the concept's own name, known only later
+        if name and name.strip() and name_problem(name.strip()):  # empty: the concept's own name, known later
             return f"{SAVE}: {name_problem(name.strip())}. Use letters, digits, '_', '-' or '.'."
         return True
 
@@ -132,9 +132,9 @@ class LoadConcept(io.ComfyNode):
         problem = schema_problem(cls, LOAD, name=name)  # file: a path that exists, whether listed yet or not
         if problem:
             return problem
-        if not isinstance(file, str) or resolve_choice(file) is None:
+        if file is not None and (not isinstance(file, str) or resolve_choice(file) is None):
             return f"{LOAD}: {file} was not found; refresh the page to update the file list."
-        if name.strip() and name_problem(name.strip()):
+        if name and name.strip() and name_problem(name.strip()):
             return f"{LOAD}: {name_problem(name.strip())}."
         return True
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from comfy_api.v0_0_2 import io
 
 from ..trainers.concept import name_problem
@@ -34,6 +37,27 @@ def summary(learned: Learned) -> str:
            else f"prompt it as embedding:{c.name}")
     lines.append(f"Through the CLIP output, {how}; Save Concept keeps it.")
     return "\n".join(lines)
+
+
+def first(value: Any) -> Any:
+    """One input's value: with is_input_list ComfyUI sends a list of values, and a widget's list has one (at
+    validation a linked input's value is not known yet: None)."""
+    return value[0] if isinstance(value, (list, tuple)) and value else value
+
+
+def image_list(value: Any) -> list[torch.Tensor]:
+    """IMAGE or MASK batches, one or a list of them (of any sizes), as one list of single images."""
+    batches = value if isinstance(value, list) else [value]
+    return [item for batch in batches for item in (batch if batch.dim() >= 3 else [batch])]  # IMAGE 4-D, MASK 3-D
+
+
+def caption_text(value: Any) -> str:
+    """The captions box, or a list of captions (one per image, as dataset nodes give them), as one per line."""
+    if not isinstance(value, list):
+        return value or ""
+    if len(value) == 1:
+        return value[0] or ""
+    return "\n".join(" ".join(str(c).split()) for c in value)
 
 
 class LearnConcept(io.ComfyNode):
@@ -108,28 +132,38 @@ class LearnConcept(io.ComfyNode):
                                 "beside the concept."),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
+            is_input_list=True,
         )
 
     @classmethod
     def validate_inputs(cls, name: str = "my_concept", init_word: str = "object", method: str = "ti",
                         learning_rate: float = 0.0, prompts: str = "object", precision: str = "auto",
                         captions: str = "") -> bool | str:
+        name, init_word, method, learning_rate, prompts, precision, captions = map(
+            first, (name, init_word, method, learning_rate, prompts, precision, captions))
         problem = schema_problem(cls, NODE, name=name, init_word=init_word, method=method, learning_rate=learning_rate,
                                  prompts=prompts, precision=precision, captions=captions)
         if problem:
             return problem
-        if name_problem(name):
+        if name is not None and name_problem(name):  # None: linked, checked when the node runs
             return f"{NODE}: {name_problem(name)}."
-        if not init_word.strip():
+        if init_word is not None and not init_word.strip():
             return f"{NODE}: init_word is empty; give a word close to the concept, such as 'dog' or 'painting'."
-        if prompts == "captions" and not (captions or "").strip():
+        if prompts == "captions" and captions is not None and not captions.strip():
             return f"{NODE}: prompts is 'captions' but the captions box is empty; write one caption per image."
         return True
 
     @classmethod
-    def execute(cls, model, clip, vae, images, name, init_word, method, steps, learning_rate, batch_size, vectors,
-                resolution, prompts, seed, precision, gradient_checkpointing, mask=None, captions="",
-                training_options=None, method_options=None, preview_every=0) -> io.NodeOutput:
+    def execute(cls, images, mask=None, captions="", **inputs: Any) -> io.NodeOutput:
+        # is_input_list: ComfyUI sends every input as a list, so that the lists of a dataset node (images of mixed
+        # sizes, one caption each) make one training set rather than one run per image
+        images, mask, captions = image_list(images), None if mask is None else image_list(mask), caption_text(captions)
+        return cls._train(images=images, mask=mask, captions=captions, **{k: first(v) for k, v in inputs.items()})
+
+    @classmethod
+    def _train(cls, model, clip, vae, images, name, init_word, method, steps, learning_rate, batch_size, vectors,
+              resolution, prompts, seed, precision, gradient_checkpointing, mask=None, captions="",
+              training_options=None, method_options=None, preview_every=0) -> io.NodeOutput:
         settings = LearnSettings(name, init_word, method, steps, learning_rate, batch_size, vectors, resolution,
                                  prompts, seed, precision, gradient_checkpointing, captions or "",
                                  training_options or TrainingOptions(), method_options, preview_every or 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import comfy.model_management as mm
 import torch
@@ -85,7 +85,8 @@ class Learned:
 Build = Callable[[ComfyHost, torch.Tensor], Method]  # (host, training images) → the method, for nodes with their own
 
 
-def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor, mask: torch.Tensor | None, settings: LearnSettings,
+def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor | Sequence[torch.Tensor],
+          mask: torch.Tensor | Sequence[torch.Tensor] | None, settings: LearnSettings,
           node_id: str | None = None, prompt: Any = None, *, node: str = NODE, build: Build | None = None,
           clip_vision: Any = None) -> Learned:
     """Everything Learn Concept does, without the node: validate, train, and return the concept.
@@ -122,8 +123,9 @@ def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor, mask: torch.Ten
 
             try:
                 prepare("preparing the images")
-                pixels = prepare_images(images.clone(), resolution)
-                masks = None if mask is None else prepare_masks(mask.clone(), len(pixels), resolution)
+                pixels = prepare_images([image.clone() for image in images], resolution)
+                masks = None if mask is None else prepare_masks(
+                    [m.clone() for m in (mask[None] if mask.dim() == 2 else mask)], len(pixels), resolution)
                 prompts, per_image = training_prompts(s.prompts, s.name, len(pixels), s.captions)  # type: ignore[arg-type]
                 prompts = method_prompts(s.method, prompts, per_image, s.init_word)
                 prepare(f"setting up {s.method}")

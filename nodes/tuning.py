@@ -128,9 +128,9 @@ class TuningEncoderNode(io.ComfyNode):
                                  learning_rate=learning_rate, targets=targets, blend=blend)
         if problem:
             return problem
-        if name_problem(name):
+        if name is not None and name_problem(name):  # None: linked, checked when the node runs
             return f"{NODE}: {name_problem(name)}."
-        return True if class_word.strip() else f"{NODE}: class_word is empty; give the concept's class, e.g. 'dog'."
+        return True if class_word is None or class_word.strip() else f"{NODE}: class_word is empty; give the concept's class, e.g. 'dog'."
 
     @classmethod
     def execute(cls, model, clip, vae, image, name, class_word, encoder, tuning_steps, learning_rate, targets, rank,

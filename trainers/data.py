@@ -56,14 +56,15 @@ def prepare_images(images: Tensor | Sequence[Tensor], resolution: int) -> Tensor
     return torch.stack(out)
 
 
-def prepare_masks(masks: Tensor, num_images: int, resolution: int) -> Tensor:
-    """ComfyUI MASK [N or 1, H, W] (1 = the concept's region) → [N, resolution, resolution] in 0..1."""
-    if masks.dim() == 2:
-        masks = masks[None]
-    if masks.dim() != 3 or masks.shape[0] not in (1, num_images):
-        raise ValueError(f"mask: got shape {tuple(masks.shape)} for {num_images} images; give one mask per "
-                         "image or one for all.")
-    resized = torch.stack([square_resize(m[None].float(), resolution, mode="bilinear")[0] for m in masks])
+def prepare_masks(masks: Tensor | Sequence[Tensor], num_images: int, resolution: int) -> Tensor:
+    """ComfyUI MASK [N or 1, H, W] or a list of [H, W] of any sizes (1 = the concept's region) → [N, resolution,
+    resolution] in 0..1."""
+    items = [masks] if isinstance(masks, Tensor) and masks.dim() == 2 else list(masks)
+    if any(m.dim() != 2 for m in items) or len(items) not in (1, num_images):
+        shapes = [tuple(m.shape) for m in items]
+        raise ValueError(f"mask: got {len(items)} mask(s) of shapes {shapes[:4]} for {num_images} images; give one "
+                         "mask per image or one for all.")
+    resized = torch.stack([square_resize(m[None].float(), resolution, mode="bilinear")[0] for m in items])
     resized = resized.clamp(0, 1).expand(num_images, -1, -1)
     if bool((resized.flatten(1).sum(1) == 0).any()):
         raise ValueError("mask: a mask is empty (all black), so its image would teach nothing; white marks the "

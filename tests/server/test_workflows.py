@@ -9,6 +9,8 @@ from comfy_tier import require_comfyui
 tc = require_comfyui()
 
 from concept_forge.nodes.headless import demo_overrides  # noqa: E402
+from concept_forge.trainers.files import read_concept  # noqa: E402
+from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from ui_workflow import WORKFLOWS, api_prompt  # noqa: E402
 
@@ -114,3 +116,30 @@ def test_a_prompt_that_outlives_its_time_is_interrupted_and_reported_with_its_pr
                      r"\d+/500", message), message
     queue = server.get("/queue")
     assert not queue["queue_running"] and not queue["queue_pending"]  # the next test finds an idle server
+
+
+def test_a_dataset_folder_trains_one_concept_not_one_per_image(server, object_info):
+    if "LoadImageTextDataSetFromFolder" not in object_info:
+        pytest.skip("this ComfyUI has no dataset nodes (they came after 0.3.64)")
+    folder = server.base / "input" / "dog_set"
+    folder.mkdir(exist_ok=True)
+    for i, size in enumerate((64, 96, 48)):  # mixed sizes, one caption each
+        Image.fromarray(tc.tiny_images(1, size=size, seed=i)[0].mul(255).byte().numpy()).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a photo of my_set_dog, view {i}")
+    loader = demo_overrides({})["CheckpointLoaderSimple"]
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": loader},
+        "2": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": "dog_set"}},
+        "3": {"class_type": "ConceptForgeLearnConcept", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "captions": ["2", 1],
+            "name": "my_set_dog", "init_word": "dog", "method": "ti", "steps": 2, "learning_rate": 0.0,
+            "batch_size": 2, "vectors": 0, "resolution": 64, "prompts": "captions", "seed": 0, "precision": "auto",
+            "gradient_checkpointing": False}},
+        "4": {"class_type": "ConceptForgeSaveConcept", "inputs": {"concept": ["3", 0], "name": "", "overwrite": True}},
+    }
+    outcome, messages = server.run(prompt, "Learn Concept on a dataset folder")
+    assert outcome == "execution_success", server.log()[-3000:]
+    steps = [m["data"]["value"] for m in messages if m["type"] == "progress" and m["data"]["node"] == "3"]
+    assert steps == [1, 2]  # one run over all three images, not three runs
+    concept = read_concept(server.base / "models" / "embeddings" / "my_set_dog.safetensors")
+    assert concept.provenance["images"] == 3 and concept.provenance["prompts"] == "captions"

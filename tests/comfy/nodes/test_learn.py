@@ -214,3 +214,14 @@ def test_cancel_while_preparing_stops_before_the_first_step(model_folders):
         comfy.utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
     assert seen == []
+
+
+def test_a_dataset_nodes_lists_train_one_concept_from_images_of_mixed_sizes_and_their_captions(model_folders):
+    # what ComfyUI sends with is_input_list: every input a list; images and captions from a dataset node, one each
+    scalars = {k: [v] for k, v in learn_inputs(steps=3, prompts="captions").items() if k != "images"}
+    images = [tc.tiny_images(1, size=size, seed=i) for i, size in enumerate((64, 96, 48))]
+    captions = ["a photo of my_dog on grass", "my_dog\nasleep", "{} in the snow"]
+    concept = run_node(LearnConcept, **{**scalars, "images": images, "captions": captions}).args[0]
+    assert concept.name == "my_dog" and concept.provenance["images"] == 3 and concept.provenance["steps"] == 3
+    with pytest.raises(ValueError, match="captions: got 2 lines for 3 images"):
+        run_node(LearnConcept, **{**scalars, "images": images, "captions": captions[:2]})
