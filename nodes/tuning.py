@@ -130,7 +130,9 @@ class TuningEncoderNode(io.ComfyNode):
             return problem
         if name is not None and name_problem(name):  # None: linked, checked when the node runs
             return f"{NODE}: {name_problem(name)}."
-        return True if class_word is None or class_word.strip() else f"{NODE}: class_word is empty; give the concept's class, e.g. 'dog'."
+        if class_word is not None and not class_word.strip():
+            return f"{NODE}: class_word is empty; give the concept's class, e.g. 'dog'."
+        return True
 
     @classmethod
     def execute(cls, model, clip, vae, image, name, class_word, encoder, tuning_steps, learning_rate, targets, rank,
