@@ -77,11 +77,20 @@ def describe(concept: Concept, clip: Any | None) -> str:
         f"{concept.num_vectors} vector(s) per encoder ({', '.join('clip_' + k for k in concept.vectors)})"
     lines = [f"{concept.name}: {concept.method.upper()} concept for {ARCH_LABELS[concept.arch]}, {what}."]
     if clip is not None and concept.vectors:
-        if clip_arch(clip) == concept.arch:
-            lines += vocabulary_lines(concept, clip)
-        else:
+        widths = {k: int(t.shape[1]) for k, t in encoder_tables(clip).items()}
+        other = [f"clip_{k} {v.shape[-1]}-wide, this CLIP's {widths.get(k)}" for k, v in concept.vectors.items()
+                 if widths.get(k) != v.shape[-1]]
+        if clip_arch(clip) != concept.arch:
             lines.append(f"(This CLIP is {describe_clip(clip)}, so the vocabulary comparison is skipped.)")
-    lines += state_lines(concept, clip)
+        elif other:
+            lines.append(f"(The vectors belong to another model ({'; '.join(other)}), so the vocabulary comparison "
+                         "is skipped.)")
+        else:
+            lines += vocabulary_lines(concept, clip)
+    try:
+        lines += state_lines(concept, clip)
+    except (KeyError, TypeError, ValueError, IndexError):  # a third-party file's state is untrusted metadata
+        lines.append(f"(The {concept.method} state in this concept is incomplete, so it is not shown.)")
     p = concept.provenance
     made = [f"{k.replace('_', ' ')}: {p[k]}" for k in PROVENANCE_FIELDS if k in p and p[k] is not None]
     if "checkpoint_sha256" in p:

@@ -46,3 +46,11 @@ def test_batex_lists_the_basis_words_with_the_largest_weights():
     text = run_node(ConceptInfo, concept=concept, clip=clip).args[0]
     assert "BaTex: basis ranked by dot, rank(B) 3 (clip_l)" in text
     assert "largest weights: cat (+0.700), dog (+0.200), bird (-0.100)" in text
+
+
+def test_vectors_of_another_width_and_an_incomplete_state_are_described_not_crashed_on():
+    concept = Concept("wide", "batex", "sd1", {"l": torch.ones(1, 768)}, state={"ranking": "dot"})
+    text = ui_text(run_node(ConceptInfo, concept=concept, clip=tc.tiny_clip("sd1")))  # the tiny CLIP is 32-wide
+    assert "(The vectors belong to another model (clip_l 768-wide, this CLIP's 32), so the vocabulary comparison " \
+           "is skipped.)" in text
+    assert "(The batex state in this concept is incomplete, so it is not shown.)" in text
