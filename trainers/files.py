@@ -106,7 +106,7 @@ def _read(path: Path, name: str | None) -> Concept:
     if path.suffix.lower() == ".safetensors":
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            content: Any = {k: f.get_tensor(k) for k in f.keys()}
+        content: Any = _read_tensors(path)
     elif path.suffix.lower() in (".pt", ".bin"):
         metadata = {}
         content = _load_pickle(path)
@@ -114,9 +114,40 @@ def _read(path: Path, name: str | None) -> Concept:
         raise ValueError(f"{path.name}: unsupported file type; expected one of {EXTENSIONS}.")
     if METADATA_KEY in metadata:
         return _concept_from_record(json.loads(metadata[METADATA_KEY]), content, name)
+    pair = _diffusers_sdxl_pair(path)
+    if pair is not None:
+        vectors = {"l": _single_tensor(_read_tensors(pair[0]), pair[0].name),
+                   "g": _single_tensor(_read_tensors(pair[1]), pair[1].name)}
+        stem = _safe_stem(pair[0])
+        return Concept(name=name or stem, method="ti", arch="sdxl", vectors=vectors,
+                       provenance={"source_file": f"{pair[0].name} + {pair[1].name}"})
     arch, vectors, provenance = parse_embedding(content, path.name)
     return Concept(name=name or _safe_stem(path), method="ti", arch=arch, vectors=vectors,
                    provenance={"source_file": path.name, **provenance})
+
+
+def _diffusers_sdxl_pair(path: Path) -> tuple[Path, Path] | None:
+    """diffusers' SDXL textual inversion writes two files, `<stem>.safetensors` (CLIP-L, 768 wide) and
+    `<stem>_2.safetensors` (CLIP-G, 1280 wide), each one `{token: vectors}`: either one stands for the pair."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    first = path.with_name(path.name[: -len("_2.safetensors")] + path.suffix) if path.stem.endswith("_2") else path
+    second = first.with_name(f"{first.stem}_2{first.suffix}")
+    if not (first.is_file() and second.is_file()):
+        return None
+    widths = [_single_tensor(_read_tensors(p), p.name).shape[-1] for p in (first, second)]
+    return (first, second) if widths == [768, 1280] else None
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _single_tensor(content: Mapping[str, Tensor], label: str) -> Tensor:
+    if len(content) != 1:
+        raise ValueError(f"{label}: expected one tensor (a diffusers embedding), found {len(content)}.")
+    return _as_matrix(next(iter(content.values())), label)
 
 
 def _load_pickle(path: Path) -> Any:
@@ -236,6 +267,10 @@ def _as_matrix(t: Tensor, label: str) -> Tensor:
 def _single_encoder(vectors: Tensor, label: str) -> tuple[Arch, dict[str, Tensor]]:
     """The architecture of a one-encoder embedding, from its width, and its vectors keyed by that encoder."""
     arch = arch_for_width(vectors.shape[-1])
+    if arch is None and vectors.shape[-1] == 1280:
+        raise ValueError(f"{label}: vectors of width 1280 are SDXL's clip_g alone; an SDXL embedding needs clip_l "
+                         "too (diffusers writes it beside this file as <name>.safetensors, this one being "
+                         "<name>_2.safetensors).")
     if arch is None:
         raise ValueError(f"{label}: vectors of width {vectors.shape[-1]} match neither {ARCH_LABELS['sd1']} (768) "
                          f"nor {ARCH_LABELS['sd2']} (1024); an SDXL embedding needs both clip_l and clip_g.")

@@ -151,7 +151,7 @@ def test_every_fuzzed_file_loads_as_a_usable_concept_or_is_refused_saying_why(fu
     ({"emb_params": torch.full((1, 768), float("nan"))}, "contain NaN or infinite values"),
     ({"emb_params": torch.zeros(2, 768)}, "include a zero vector"),
     ({"emb_params": torch.randn(MAX_VECTORS + 1, 768)}, f"a prompt holds 1 to {MAX_VECTORS} vectors"),
-    ({"clip_g": torch.randn(1, 1280)}, "match neither"),
+    ({"clip_g": torch.randn(1, 1280)}, "SDXL's clip_g alone; an SDXL embedding needs clip_l too"),
 ])
 def test_garbage_is_refused_with_what_is_wrong(tmp_path, content, message):
     save_file(content, str(tmp_path / "bad.safetensors"))

@@ -117,9 +117,9 @@ def test_sdxl_third_party(tmp_path):
 
 
 def test_unknown_width_names_the_widths_it_expects(tmp_path):
-    save_file({"emb_params": torch.ones(1, 1280)}, str(tmp_path / "g.safetensors"))
-    with pytest.raises(ValueError, match="width 1280 match neither SD 1.x \\(768\\) nor SD 2.x \\(1024\\)"):
-        read_concept(tmp_path / "g.safetensors")
+    save_file({"emb_params": torch.ones(1, 640)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match="width 640 match neither SD 1.x \\(768\\) nor SD 2.x \\(1024\\)"):
+        read_concept(tmp_path / "w.safetensors")
 
 
 class Evil:
@@ -137,3 +137,15 @@ def test_pickles_that_need_code_execution_are_refused(tmp_path):
 def test_file_names_become_prompt_safe_concept_names(tmp_path):
     save_file({"emb_params": torch.ones(1, 768)}, str(tmp_path / "my style (v2).safetensors"))
     assert read_concept(tmp_path / "my style (v2).safetensors").name == "my_style__v2_"
+
+
+def test_diffusers_sdxl_output_two_files_load_as_one_sdxl_concept_from_either(tmp_path):
+    small, big = torch.randn(1, 768), torch.randn(1, 1280)
+    save_file({"<cat-toy>": small}, str(tmp_path / "learned_embeds.safetensors"))
+    save_file({"<cat-toy>": big}, str(tmp_path / "learned_embeds_2.safetensors"))
+    for name in ("learned_embeds.safetensors", "learned_embeds_2.safetensors"):
+        c = read_concept(tmp_path / name)
+        assert c.arch == "sdxl" and torch.equal(c.vectors["l"], small) and torch.equal(c.vectors["g"], big)
+        assert c.name == "learned_embeds"
+    (tmp_path / "learned_embeds_2.safetensors").unlink()
+    assert read_concept(tmp_path / "learned_embeds.safetensors").arch == "sd1"  # alone it is an SD 1.x embedding
