@@ -132,7 +132,7 @@ class LoadConcept(io.ComfyNode):
         problem = schema_problem(cls, LOAD, name=name)  # file: a path that exists, whether listed yet or not
         if problem:
             return problem
-        if file is not None and (not isinstance(file, str) or resolve_choice(file) is None):
+        if not isinstance(file, str) or (file and resolve_choice(file) is None):
             return f"{LOAD}: {file} was not found; refresh the page to update the file list."
         if name and name.strip() and name_problem(name.strip()):
             return f"{LOAD}: {name_problem(name.strip())}."

@@ -89,7 +89,7 @@ def describe(concept: Concept, clip: Any | None) -> str:
             lines += vocabulary_lines(concept, clip)
     try:
         lines += state_lines(concept, clip)
-    except (KeyError, TypeError, ValueError, IndexError):  # a third-party file's state is untrusted metadata
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # a file's state is untrusted metadata
         lines.append(f"(The {concept.method} state in this concept is incomplete, so it is not shown.)")
     p = concept.provenance
     made = [f"{k.replace('_', ' ')}: {p[k]}" for k in PROVENANCE_FIELDS if k in p and p[k] is not None]

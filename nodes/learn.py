@@ -139,17 +139,19 @@ class LearnConcept(io.ComfyNode):
     def validate_inputs(cls, name: str = "my_concept", init_word: str = "object", method: str = "ti",
                         learning_rate: float = 0.0, prompts: str = "object", precision: str = "auto",
                         captions: str = "") -> bool | str:
-        name, init_word, method, learning_rate, prompts, precision, captions = map(
-            first, (name, init_word, method, learning_rate, prompts, precision, captions))
-        problem = schema_problem(cls, NODE, name=name, init_word=init_word, method=method, learning_rate=learning_rate,
-                                 prompts=prompts, precision=precision, captions=captions)
+        sent = dict(name=name, init_word=init_word, method=method, learning_rate=learning_rate, prompts=prompts,
+                    precision=precision, captions=captions)
+        # is_input_list: a widget's value comes as [value]; a linked one as (None,), not known before the node runs
+        known = {k: first(v) for k, v in sent.items() if not isinstance(v, tuple)}
+        problem = schema_problem(cls, NODE, **known)
+        name, init_word, captions = (known.get(k) for k in ("name", "init_word", "captions"))
         if problem:
             return problem
         if name is not None and name_problem(name):  # None: linked, checked when the node runs
             return f"{NODE}: {name_problem(name)}."
         if init_word is not None and not init_word.strip():
             return f"{NODE}: init_word is empty; give a word close to the concept, such as 'dog' or 'painting'."
-        if prompts == "captions" and captions is not None and not captions.strip():
+        if known.get("prompts") == "captions" and captions is not None and not captions.strip():
             return f"{NODE}: prompts is 'captions' but the captions box is empty; write one caption per image."
         return True
 

@@ -19,8 +19,6 @@ def schema_problem(node_class: Any, node: str, **values: Any) -> str | None:
     """What is wrong with `values` (input id → value as sent) by `node_class`'s schema, or None."""
     specs = {spec.id: spec for spec in node_class.define_schema().inputs}
     for key, value in values.items():
-        if value is None:  # a linked input: its value is not known before the node runs
-            continue
         spec = specs[key]
         problem = _problem(spec, value)
         if problem:

@@ -27,6 +27,7 @@ ARCH_LABELS: dict[Arch, str] = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"
 # what stock ComfyUI finds as embedding:<name>: letters and digits of any script, '_', '-' and '.', no spaces or
 # prompt syntax; not starting with '.' (a hidden file)
 _NAME = re.compile(r"^[\w\-][\w.\-]*$")
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 MAX_NAME_BYTES = 240  # file systems allow 255 bytes for a name, and ".safetensors" takes 12
 
 
@@ -38,6 +39,8 @@ def name_problem(name: str) -> str | None:
         return f"'{name}' contains a path separator or '..'"
     if len(name.encode()) > MAX_NAME_BYTES:
         return f"'{name[:40]}...' is longer than a file name can be ({MAX_NAME_BYTES} bytes)"
+    if name.endswith(".") or name.split(".")[0].upper() in _RESERVED:
+        return f"'{name}' is a name Windows cannot give a file (reserved, or ending in '.')"
     if not _NAME.match(name):
         return (f"'{name}' may only contain letters, digits, '_', '-' and '.' (it is typed as embedding:{name} "
                 "in prompts)")

@@ -26,6 +26,7 @@ from .concept import ARCH_ENCODERS, ARCH_LABELS, Arch, Concept, arch_for_width, 
 METADATA_KEY = "concept_forge"
 SAFE_UNPICKLING = (2, 6)  # the first torch whose weights-only unpickler has no known bypass
 MAX_VECTORS = 75  # the tokens one CLIP chunk holds
+MAX_NORM = 1000.0  # no usable embedding is this long; a forged or diverged one can be
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # torch colours its messages; a refusal is plain text
 # what each method's concept must carry in its state to be used (Apply, Slerp, CatVersion Residual, Info)
 METHOD_STATE: dict[str, tuple[str, ...]] = {"ti": (), "dti": ("magnitude",), "batex": (),
@@ -97,7 +98,8 @@ def read_concept(path: str | os.PathLike[str], name: str | None = None) -> Conce
     except RecursionError:
         raise ValueError(f"{path.name}: its structure is nested too deeply to be an embedding.") from None
     except Exception as e:
-        reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        reason = str(e) if isinstance(e, ValueError) else \
+            f"{path.name}: its contents are not an embedding or a concept ({type(e).__name__}: {e})"
         raise ValueError(ANSI.sub("", reason)) from e
     return concept
 
@@ -113,7 +115,7 @@ def _read(path: Path, name: str | None) -> Concept:
     else:
         raise ValueError(f"{path.name}: unsupported file type; expected one of {EXTENSIONS}.")
     if METADATA_KEY in metadata:
-        return _concept_from_record(json.loads(metadata[METADATA_KEY]), content, name)
+        return _concept_from_record(metadata[METADATA_KEY], content, name)
     pair = _diffusers_sdxl_pair(path)
     if pair is not None:
         vectors = {"l": _single_tensor(_read_tensors(pair[0]), pair[0].name),
@@ -135,8 +137,14 @@ def _diffusers_sdxl_pair(path: Path) -> tuple[Path, Path] | None:
     second = first.with_name(f"{first.stem}_2{first.suffix}")
     if not (first.is_file() and second.is_file()):
         return None
-    widths = [_single_tensor(_read_tensors(p), p.name).shape[-1] for p in (first, second)]
-    return (first, second) if widths == [768, 1280] else None
+    shapes = []
+    for p in (first, second):
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            if len(keys) != 1 or METADATA_KEY in (f.metadata() or {}):
+                return None  # not a diffusers file: read `path` on its own
+            shapes.append(f.get_slice(keys[0]).get_shape())
+    return (first, second) if [s[-1] for s in shapes] == [768, 1280] else None
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
@@ -181,8 +189,12 @@ def check_concept(concept: Concept) -> None:
         _check_tensor(v, label)
         if v.dim() != 2 or not 1 <= v.shape[0] <= MAX_VECTORS:
             raise ValueError(f"{label} have shape {tuple(v.shape)}; a prompt holds 1 to {MAX_VECTORS} vectors.")
-        if bool((v.norm(dim=-1) == 0).any()):
+        norms = v.double().norm(dim=-1)
+        if bool((norms == 0).any()):
             raise ValueError(f"{label} include a zero vector, which a prompt would silently lose.")
+        if bool((norms > MAX_NORM).any()):
+            raise ValueError(f"{label} include one of length {float(norms.max()):.3g}, far beyond any embedding's "
+                             f"(a vocabulary's are about 0.4 to 1, a long-trained one's a few units).")
         counts.add(v.shape[0])
     if len(counts) > 1:
         raise ValueError("the text encoders have different numbers of vectors.")
@@ -196,6 +208,11 @@ def check_concept(concept: Concept) -> None:
         raise ValueError(f"the {concept.method} concept lacks its state ({', '.join(missing)}).")
     if concept.method == "catversion":
         _check_catversion(concept)
+    if concept.method == "dti":
+        magnitude = concept.state["magnitude"]
+        if not isinstance(magnitude, Mapping) or set(magnitude) != set(concept.vectors) or not all(
+                isinstance(m, (int, float)) and 0 < m < MAX_NORM for m in magnitude.values()):
+            raise ValueError("the dti concept's magnitude is malformed (one length per text encoder).")
 
 
 def _check_tensor(t: Any, label: str) -> None:
@@ -216,7 +233,15 @@ def _check_catversion(concept: Concept) -> None:
                     raise ValueError(f"the catversion concept lacks its {part} for clip_{key} layer {i}.")
 
 
-def _concept_from_record(record: Mapping[str, Any], content: Mapping[str, Tensor], name: str | None) -> Concept:
+def _concept_from_record(text: str, content: Mapping[str, Tensor], name: str | None) -> Concept:
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError("its Concept Forge metadata is not valid JSON (the file was changed after it was "
+                         "written).") from None
+    problem = _record_problem(record, content)
+    if problem:
+        raise ValueError(f"its Concept Forge metadata is malformed: {problem}.")
     if record.get("format", 0) > FORMAT_VERSION:
         raise ValueError(f"This concept file has format {record['format']}; update Concept Forge to read it.")
     arch: Arch = record["arch"]
@@ -231,6 +256,24 @@ def _concept_from_record(record: Mapping[str, Any], content: Mapping[str, Tensor
                    state=record.get("state", {}), tensors=tensors, provenance=record.get("provenance", {}))
 
 
+def _record_problem(record: Any, content: Mapping[str, Tensor]) -> str | None:
+    """What makes a Concept Forge record unusable, before any of it is used."""
+    if not isinstance(record, Mapping):
+        return "not a record"
+    if record.get("arch") not in ARCH_ENCODERS:
+        return f"unknown base model {record.get('arch')!r}"
+    if not isinstance(record.get("method"), str) or not isinstance(record.get("name"), str):
+        return "no method or name"
+    if not isinstance(record.get("format", 0), int):
+        return f"format {record.get('format')!r}"
+    keys = record.get("tensor_keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k in content for k in keys):
+        return "it names tensors the file does not hold"
+    if not isinstance(record.get("state", {}), Mapping) or not isinstance(record.get("provenance", {}), Mapping):
+        return "its state or provenance is not a record"
+    return None
+
+
 def parse_embedding(content: Any, label: str) -> tuple[Arch, dict[str, Tensor], dict[str, Any]]:
     """Find the token vectors in a third-party embedding, in the order ComfyUI's own loader looks.
 
@@ -239,6 +282,8 @@ def parse_embedding(content: Any, label: str) -> tuple[Arch, dict[str, Tensor], 
     """
     if isinstance(content, Mapping) and "string_to_param" in content:
         params = content["string_to_param"]
+        if not isinstance(params, (Mapping, torch.nn.ParameterDict)) or not len(params):
+            raise ValueError(f"{label}: its string_to_param holds no vectors.")
         provenance = {k: content[k] for k in ("name", "step", "sd_checkpoint_name")
                       if isinstance(content.get(k), (str, int))}
         return (*_single_encoder(_as_matrix(next(iter(params.values())), label), label), provenance)
@@ -256,7 +301,10 @@ def parse_embedding(content: Any, label: str) -> tuple[Arch, dict[str, Tensor], 
     return (*_single_encoder(_as_matrix(first, label), label), {})
 
 
-def _as_matrix(t: Tensor, label: str) -> Tensor:
+def _as_matrix(t: Any, label: str) -> Tensor:
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        raise ValueError(f"{label}: the vectors are {getattr(t, 'dtype', type(t).__name__)}, not floating-point "
+                         "numbers; this is not an embedding.")
     if t.dim() == 1:
         t = t[None]
     if t.dim() != 2 or t.shape[0] == 0:

@@ -9,8 +9,8 @@ require_comfyui()
 
 from ui_workflow import WORKFLOWS, api_prompt  # noqa: E402
 
-LEARN, SLERP, DTI = (next(p for p in WORKFLOWS if p.stem == stem)
-                     for stem in ("learn_concept_ti", "concept_slerp", "learn_concept_dti"))
+LEARN, SLERP, DTI, TOOLS = (next(p for p in WORKFLOWS if p.stem == stem)
+                            for stem in ("learn_concept_ti", "concept_slerp", "learn_concept_dti", "concept_tools"))
 NAN = float("nan")
 
 
@@ -42,6 +42,9 @@ CASES = [  # (workflow, node type, input, value, what the refusal says)
                                                           "choices (object, style, captions)."),
     (LEARN, "ConceptForgeLearnConcept", "name", "my dog", "Learn Concept: 'my dog' may only contain letters"),
     (LEARN, "ConceptForgeTrainingOptions", "gradient_accumulation", 65, "bigger than max of 64"),
+    (LEARN, "ConceptForgeLearnConcept", "precision", None, "Learn Concept: precision is None, which is not one of"),
+    (TOOLS, "ConceptForgeLoadConcept", "file", None, "Load Concept: None was not found"),
+    (LEARN, "ConceptForgeSaveConcept", "name", "CON", "Save Concept: 'CON' is a name Windows cannot give a file"),
     (LEARN, "ConceptForgeSaveConcept", "name", "../evil", "Save Concept"),
     (SLERP, "ConceptForgeConceptSlerp", "t", NAN, "Concept Slerp: t is nan; give a finite number."),
     (SLERP, "ConceptForgeConceptSlerp", "t", 1.5, "Concept Slerp: t is 1.5, outside its range 0 to 1."),
@@ -85,7 +88,10 @@ def test_every_float_and_choice_input_of_every_node_refuses_what_its_schema_does
                 if bad_value is None:
                     continue
                 bad = {**prompt, node_id: {**node, "inputs": {**node["inputs"], name: bad_value}}}
-                errors = server.refusal(through(bad, node_id, object_info))
+                try:
+                    errors = server.refusal(through(bad, node_id, object_info))
+                except AssertionError as e:
+                    raise AssertionError(f"{kind}.{name} = {bad_value!r}: {e}") from None
                 assert any(message in e for e in errors), (kind, name, errors)
                 checked.add(kind)
     with_float_or_choice = ("LearnConcept", "TrainingOptions", "TuningEncoder", "ApplyDTIToken", "ConceptSlerp",

@@ -36,6 +36,9 @@ class Method(Protocol):
         """Lines about the method's own state for the summary on Learn Concept (m*, rank(B), ...)."""
 
 
+MAX_INIT_TOKENS = 16  # the most vectors Learn Concept's `vectors` input allows
+
+
 def init_vectors(host: Host, init_word: str, num_vectors: int = 0) -> dict[str, Tensor]:
     """Initial token vectors from the init word's vocabulary rows, per text encoder.
 
@@ -55,6 +58,9 @@ def init_vectors(host: Host, init_word: str, num_vectors: int = 0) -> dict[str, 
         ids = host.token_ids(key, word)
         if not ids:
             raise ValueError(f"init_word {word!r} produces no tokens; use an ordinary word.")
+        if len(ids) > MAX_INIT_TOKENS:
+            raise ValueError(f"init_word {word[:40]!r}... splits into {len(ids)} tokens, one vector each; use a word "
+                             f"or short phrase of at most {MAX_INIT_TOKENS} tokens.")
         if num_vectors and num_vectors < len(ids):
             raise ValueError(f"init_word {word!r} splits into {len(ids)} tokens but only {num_vectors} vectors "
                              f"were asked for; set vectors to 0 (one per token) or at least {len(ids)}.")

@@ -172,3 +172,40 @@ def test_pickles_are_refused_below_torch_2_6_saying_why(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
     with pytest.raises(ValueError, match=r"older than 2.6, whose safe loading can be bypassed.*CVE-2025-32434"):
         read_concept(tmp_path / "old.pt")
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ("[1, 2]", "metadata is malformed: not a record"),
+    ('{"method": "ti", "name": "x"}', "unknown base model None"),
+    ('{"arch": "sd1", "method": "ti", "name": "x", "format": "x"}', "format 'x'"),
+    ('{"arch": "sd1", "method": "ti", "name": "x", "tensor_keys": ["nope"]}', "names tensors the file does not hold"),
+    ("{", "not valid JSON"),
+    ('{"arch": "sd1", "method": "dti", "name": "x", "state": {"magnitude": "big"}}', "magnitude is malformed"),
+])
+def test_a_forged_concept_record_is_refused_saying_what_is_wrong(tmp_path, record, message):
+    save_file({"emb_params": torch.randn(1, 768)}, str(tmp_path / "forged.safetensors"),
+              metadata={"concept_forge": record})
+    with pytest.raises(ValueError, match=message):
+        read_concept(tmp_path / "forged.safetensors")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ({"emb_params": torch.ones(1, 768, dtype=torch.int64)}, "the vectors are torch.int64, not floating-point"),
+    ({"emb_params": torch.full((1, 768), 3e38)}, "far beyond any embedding's"),
+])
+def test_vectors_that_are_no_embedding_are_refused(tmp_path, content, message):
+    save_file(content, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match=message):
+        read_concept(tmp_path / "bad.safetensors")
+
+
+def test_a_kohya_sdxl_file_beside_an_unrelated_name_2_file_loads_on_its_own(tmp_path):
+    save_file({"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}, str(tmp_path / "kxl.safetensors"))
+    save_file({"emb_params": torch.randn(1, 768)}, str(tmp_path / "kxl_2.safetensors"))
+    assert read_concept(tmp_path / "kxl.safetensors").arch == "sdxl"
+
+
+def test_an_empty_string_to_param_says_so(tmp_path):
+    torch.save({"string_to_param": {}}, tmp_path / "empty.pt")
+    with pytest.raises(ValueError, match="its string_to_param holds no vectors"):
+        read_concept(tmp_path / "empty.pt")
