@@ -122,7 +122,7 @@ def learn_and_generate(g: Graph, method: str, name: str, note: str, options: str
         extra["training_options"] = (g.node("ConceptForgeTrainingOptions", (1130, 560)), 0)
     learn = g.node("ConceptForgeLearnConcept", (1480, 40), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2),
                    images=(batch, 0), name=name, init_word="dog", method=method, steps=400, **extra)
-    g.node("ConceptForgeSaveConcept", (1480, 940), concept=(learn, 0))
+    g.node("ConceptForgeSaveConcept", (1480, 1120), concept=(learn, 0))  # below Learn Concept's chart and report
     generate(g, ckpt, (learn, 1), f"a photo of embedding:{name} on the beach", 1880, 40, f"concept_forge/{name}")
 
 
@@ -185,7 +185,7 @@ def learn_concept_catversion(g: Graph) -> None:
     learn = g.node("ConceptForgeLearnConcept", (1480, 40), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2),
                    images=(batch, 0), name="my_teddy", init_word="teddy bear", method="catversion", steps=1000,
                    method_options=(options, 0))
-    g.node("ConceptForgeSaveConcept", (1480, 940), concept=(learn, 0))
+    g.node("ConceptForgeSaveConcept", (1480, 1120), concept=(learn, 0))  # below Learn Concept's chart and report
     patched = g.node("ConceptForgeCatVersionResidual", (1880, 660), clip=(ckpt, 1), concept=(learn, 0))
     generate(g, ckpt, (patched, 0), "a photo of a teddy bear on the beach", 1880, 40, "concept_forge/my_teddy")
 
