@@ -58,13 +58,20 @@ def save(concept: Concept, name: str, overwrite: bool, export_stock_files: bool 
     return "\n".join(lines)
 
 
+def optional_name_problem(node: str, name: str) -> str | None:
+    """A refusal for a name input that may stay empty (then the concept's or file's own name is used)."""
+    problem = name_problem(name.strip()) if name and name.strip() else None
+    return f"{node}: {problem}. Use letters, digits, '_', '-' or '.'." if problem else None
+
+
 def load(choice: str, name: str) -> Concept:
     path = resolve_choice(choice)
     if path is None:
         raise FileNotFoundError(f"{LOAD}: {choice} was not found; refresh the page to update the file list.")
+    problem = optional_name_problem(LOAD, name)
+    if problem:
+        raise ValueError(problem)
     name = name.strip()
-    if name and name_problem(name):
-        raise ValueError(f"{LOAD}: {name_problem(name)}. Use letters, digits, '_', '-' or '.'.")
     try:
         return read_concept(path, name or None)
     except (ValueError, KeyError) as e:
@@ -98,12 +105,7 @@ class SaveConcept(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, name: str = "") -> bool | str:
-        problem = schema_problem(cls, SAVE, name=name)
-        if problem:
-            return problem
-        if name and name.strip() and name_problem(name.strip()):  # empty: the concept's own name, known later
-            return f"{SAVE}: {name_problem(name.strip())}. Use letters, digits, '_', '-' or '.'."
-        return True
+        return schema_problem(cls, SAVE, name=name) or optional_name_problem(SAVE, name) or True
 
     @classmethod
     def execute(cls, concept, name, overwrite, export_stock_files=False) -> io.NodeOutput:
@@ -134,9 +136,7 @@ class LoadConcept(io.ComfyNode):
             return problem
         if not isinstance(file, str) or (file and resolve_choice(file) is None):
             return f"{LOAD}: {file} was not found; refresh the page to update the file list."
-        if name and name.strip() and name_problem(name.strip()):
-            return f"{LOAD}: {name_problem(name.strip())}."
-        return True
+        return optional_name_problem(LOAD, name) or True
 
     @classmethod
     def fingerprint_inputs(cls, file: str, name: str = "", **_: Any) -> Any:

@@ -40,8 +40,7 @@ def summary(learned: Learned) -> str:
 
 
 def first(value: Any) -> Any:
-    """One input's value: with is_input_list ComfyUI sends a list of values, and a widget's list has one (at
-    validation a linked input's value is not known yet: None)."""
+    """One input's value: with is_input_list ComfyUI sends a list of values, and a widget's list has one."""
     return value[0] if isinstance(value, (list, tuple)) and value else value
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .atomic import write_safetensors
 from .concept import ARCH_ENCODERS, ARCH_LABELS, Arch, Concept, arch_for_width, cpu_float
+from .methods.catversion import tensor_key
 
 METADATA_KEY = "concept_forge"
 SAFE_UNPICKLING = (2, 6)  # the first torch whose weights-only unpickler has no known bypass
@@ -105,10 +106,9 @@ def read_concept(path: str | os.PathLike[str], name: str | None = None) -> Conce
 
 
 def _read(path: Path, name: str | None) -> Concept:
+    content: Any
     if path.suffix.lower() == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-        content: Any = _read_tensors(path)
+        metadata, content = _read_safetensors(path)
     elif path.suffix.lower() in (".pt", ".bin"):
         metadata = {}
         content = _load_pickle(path)
@@ -118,44 +118,38 @@ def _read(path: Path, name: str | None) -> Concept:
         return _concept_from_record(metadata[METADATA_KEY], content, name)
     pair = _diffusers_sdxl_pair(path)
     if pair is not None:
-        vectors = {"l": _single_tensor(_read_tensors(pair[0]), pair[0].name),
-                   "g": _single_tensor(_read_tensors(pair[1]), pair[1].name)}
-        stem = _safe_stem(pair[0])
-        return Concept(name=name or stem, method="ti", arch="sdxl", vectors=vectors,
-                       provenance={"source_file": f"{pair[0].name} + {pair[1].name}"})
+        stem, vectors = pair
+        return Concept(name=name or _safe_stem(Path(stem)), method="ti", arch="sdxl", vectors=vectors,
+                       provenance={"source_file": f"{stem}.safetensors + {stem}_2.safetensors"})
     arch, vectors, provenance = parse_embedding(content, path.name)
     return Concept(name=name or _safe_stem(path), method="ti", arch=arch, vectors=vectors,
                    provenance={"source_file": path.name, **provenance})
 
 
-def _diffusers_sdxl_pair(path: Path) -> tuple[Path, Path] | None:
+def _diffusers_sdxl_pair(path: Path) -> tuple[str, dict[str, Tensor]] | None:
     """diffusers' SDXL textual inversion writes two files, `<stem>.safetensors` (CLIP-L, 768 wide) and
-    `<stem>_2.safetensors` (CLIP-G, 1280 wide), each one `{token: vectors}`: either one stands for the pair."""
+    `<stem>_2.safetensors` (CLIP-G, 1280 wide), each one `{token: vectors}`: either one stands for the pair.
+    Returns the pair's name (`<stem>`) and its vectors, or None when `path` is not one of such a pair."""
     if path.suffix.lower() != ".safetensors":
         return None
     first = path.with_name(path.name[: -len("_2.safetensors")] + path.suffix) if path.stem.endswith("_2") else path
     second = first.with_name(f"{first.stem}_2{first.suffix}")
     if not (first.is_file() and second.is_file()):
         return None
-    shapes = []
+    tensors = []
     for p in (first, second):
-        with safe_open(str(p), framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-            if len(keys) != 1 or METADATA_KEY in (f.metadata() or {}):
-                return None  # not a diffusers file: read `path` on its own
-            shapes.append(f.get_slice(keys[0]).get_shape())
-    return (first, second) if [s[-1] for s in shapes] == [768, 1280] else None
+        metadata, content = _read_safetensors(p)
+        if len(content) != 1 or METADATA_KEY in metadata:
+            return None  # not a diffusers file: read `path` on its own
+        tensors.append(next(iter(content.values())))
+    if [t.shape[-1] for t in tensors] != [768, 1280]:
+        return None
+    return first.stem, {"l": _as_matrix(tensors[0], first.name), "g": _as_matrix(tensors[1], second.name)}
 
 
-def _read_tensors(path: Path) -> dict[str, Tensor]:
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def _single_tensor(content: Mapping[str, Tensor], label: str) -> Tensor:
-    if len(content) != 1:
-        raise ValueError(f"{label}: expected one tensor (a diffusers embedding), found {len(content)}.")
-    return _as_matrix(next(iter(content.values())), label)
+        return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
 
 
 def _load_pickle(path: Path) -> Any:
@@ -175,19 +169,13 @@ def _load_pickle(path: Path) -> Any:
 
 
 def check_concept(concept: Concept) -> None:
-    """Refuse a concept no prompt can use: its vectors and tensors must be dense, finite, of one width per
-    encoder, 1 to MAX_VECTORS vectors, none of length 0; a method's state must be there."""
-    if concept.method not in METHOD_STATE:
-        raise ValueError(f"unknown method {concept.method!r}.")
-    if concept.arch not in ARCH_ENCODERS:
-        raise ValueError(f"unknown base model {concept.arch!r}.")
-    counts = set()
+    """Refuse a concept no prompt can use. The Concept itself already holds a known method and model, one [n, d]
+    matrix per encoder of that model with one n; here its values are checked: dense, finite, 1 to MAX_VECTORS
+    vectors of sane length, and the state its method needs."""
     for key, v in concept.vectors.items():
         label = f"the {FILE_KEYS.get(key, key)} vectors"
-        if key not in ARCH_ENCODERS[concept.arch]:
-            raise ValueError(f"{label} belong to no text encoder of {ARCH_LABELS[concept.arch]}.")
         _check_tensor(v, label)
-        if v.dim() != 2 or not 1 <= v.shape[0] <= MAX_VECTORS:
+        if not 1 <= v.shape[0] <= MAX_VECTORS:
             raise ValueError(f"{label} have shape {tuple(v.shape)}; a prompt holds 1 to {MAX_VECTORS} vectors.")
         norms = v.double().norm(dim=-1)
         if bool((norms == 0).any()):
@@ -195,12 +183,6 @@ def check_concept(concept: Concept) -> None:
         if bool((norms > MAX_NORM).any()):
             raise ValueError(f"{label} include one of length {float(norms.max()):.3g}, far beyond any embedding's "
                              f"(a vocabulary's are about 0.4 to 1, a long-trained one's a few units).")
-        counts.add(v.shape[0])
-    if len(counts) > 1:
-        raise ValueError("the text encoders have different numbers of vectors.")
-    if concept.is_token_concept and set(concept.vectors) != set(ARCH_ENCODERS[concept.arch]):
-        raise ValueError(f"a {concept.method} concept for {ARCH_LABELS[concept.arch]} needs vectors for "
-                         f"{', '.join(FILE_KEYS[k] for k in ARCH_ENCODERS[concept.arch])}.")
     for key, t in concept.tensors.items():
         _check_tensor(t, f"tensor {key}")
     missing = [k for k in METHOD_STATE[concept.method] if k not in concept.state]
@@ -229,7 +211,7 @@ def _check_catversion(concept: Concept) -> None:
     for key, indices in layers.items():
         for i in indices:
             for part in ("keys", "values"):
-                if f"catversion.{key}.{i}.{part}" not in concept.tensors:
+                if tensor_key(key, i, part) not in concept.tensors:
                     raise ValueError(f"the catversion concept lacks its {part} for clip_{key} layer {i}.")
 
 

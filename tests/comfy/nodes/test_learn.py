@@ -214,8 +214,11 @@ def test_a_full_disk_at_a_checkpoint_keeps_training_and_returns_the_concept(mode
     assert not [p for p in model_folders.rglob("*") if p.is_file()]  # and no temporary file was left behind
 
 
-def test_cancel_while_preparing_stops_before_the_first_step(model_folders):
-    seen = []
+def test_cancel_while_preparing_stops_before_the_first_step(model_folders, monkeypatch):
+    from concept_forge.nodes.comfy_host import ComfyHost
+
+    seen, encoded = [], []
+    monkeypatch.setattr(ComfyHost, "encode_images", lambda self, images: encoded.append(1))
     mm.interrupt_current_processing(True)  # Cancel pressed while the images are still being prepared
     try:
         with pytest.raises(mm.InterruptProcessingException):
@@ -224,7 +227,7 @@ def test_cancel_while_preparing_stops_before_the_first_step(model_folders):
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
-    assert seen == []
+    assert seen == [] and encoded == []  # stopped before the VAE ran, not at the first step
 
 
 def test_a_dataset_nodes_lists_train_one_concept_from_images_of_mixed_sizes_and_their_captions(model_folders):
