@@ -1,35 +1,39 @@
-"""The toy-world quality benchmark: every method learns every concept through the pack's own nodes, and the judge
-scores what the learned concept generates.
+"""The toy-world quality benchmark: every row (a method at a published recipe, or a variant of one) learns every
+concept through the pack's own nodes, and the judge scores what the learned concept generates.
 
-    COMFYUI_PATH=/opt/comfyui python bench/toyworld/benchmark.py              # the full table, ~1 h on 2 CPU cores
-    COMFYUI_PATH=/opt/comfyui python bench/toyworld/benchmark.py --concepts tealstar --seeds 0 --methods ti
+    COMFYUI_PATH=/opt/comfyui python bench/toyworld/benchmark.py --shard 0/2 &   # two shards on 2 cores
+    COMFYUI_PATH=/opt/comfyui python bench/toyworld/benchmark.py --shard 1/2
+    COMFYUI_PATH=/opt/comfyui python bench/toyworld/benchmark.py --report       # -> bench/results/toyworld.json
 
-Each concept is learned from its four references (all big and centred) by Learn Concept (TI, DTI, BaTex,
-CatVersion: `LearnConcept.execute`, as ComfyUI's executor runs it) and by Tuning Encoder (one reference, its own
-steps, no encoder weights), and prompted as a user would: `embedding:<name>` through the node's CLIP output,
-or the class word through CatVersion's residual CLIP. Per concept, seed and method, 64 images per prompt group,
-sampled with stock nodes (euler, 20 steps, CFG 5) at fixed sampler seeds, so rows are paired:
-- identity: "a photo of a <c>": the judge reads the concept's colour and shape (both right), and the cosine of
-  the judge's features to the references' mean;
-- prompt fidelity: "<c> on the left/right/top/bottom" (16 each), "a small <c>" and "a blue <c>" (no concept is
-  blue): the share that shows the asked position, size or colour; fidelity is their mean;
-- steps to 90%: identity after 50, 100, 200 and 400 steps (each a run of that length; the loop's sample plan is
-  prefix-stable), the first that reaches 90% of the 400-step identity.
-Baselines: the class word alone, and the concept's own words ("teal star"; hidden words are untrained tokens).
-Proportions pool 3 seeds × 64 images per concept with Wilson 95% intervals; the method rows average the four
-concepts, with a t interval over the 12 concept × seed cells. Writes bench/out/toyworld_benchmark.json.
+The protocol (bench/toyworld/protocol.py; the README's "Quality" section says why):
+- Rows: TI at DTI's baseline rate (0.02, 400 steps) and at BaTex's baseline rate (2e-3), DTI with β = 0 and
+  β = 0.99, BaTex with M in the paper's proportion to the encoder's width, CatVersion at its official rate and
+  batch with mask bias 0 and +1, TI/DTI/BaTex trained without the templates' size words, the Tuning Encoder without
+  weights. Learn Concept runs as ComfyUI's executor runs it (`LearnConcept.execute`).
+- Curves: a curve row runs once to 1000 steps, stopping at 25, 50, 100, 200, 400 and 1000 (and its recipe's
+  length) to be scored, and continuing through the node's own resume (resumed runs equal uninterrupted ones:
+  tests/comfy/test_checkpoints.py). Fidelity is scored at the recipe's length.
+- Prompts: no scored prompt is a training prompt of the row (checked before every cell): identity "a ⟨c⟩";
+  fidelity "a ⟨c⟩ on the left/right/top/bottom", "a small ⟨c⟩", "a blue ⟨c⟩" (no concept is blue); 32 images per
+  group, stock nodes (euler, 20 steps, CFG 5), fixed sampler seeds, so rows are paired image for image.
+- Statistics: means over the concept × seed cells with t 95% intervals; every row is paired with TI on the same
+  cells (the difference per cell, then its t interval); each paper claim gets a verdict from its interval.
+
+Every finished cell is appended to bench/out/toyworld/<shard>.jsonl at once; a rerun skips the cells it finds, so
+shards can be stopped and continued (also in another session).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
-import math
-import statistics
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -37,25 +41,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script
 
 from pack_import import import_pack  # noqa: E402
 
-from toyworld import world  # noqa: E402
-from toyworld.judge import load_judge, predict  # noqa: E402
+from toyworld import protocol, report, world  # noqa: E402
+from toyworld.judge import load_judge, predict  # noqa: E402  (imports ComfyUI: COMFYUI_PATH)
 from toyworld.models import load_clip, load_model, load_vae  # noqa: E402
+from toyworld.protocol import CLASS_WORD, GROUP_SEEDS, PER_GROUP, Row  # noqa: E402
 from toyworld.sampling import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-OUT = ROOT / "bench" / "out" / "toyworld_benchmark.json"
-METHODS = ("ti", "dti", "batex", "catversion", "tuning_encoder")
-STEPS = 400                     # DTI's recipe, for every Learn Concept method alike
-CONVERGENCE = (50, 100, 200)    # shorter runs for the steps-to-90% column
-PER_GROUP = 64
-EDIT_COLOUR = "blue"            # the colour-change prompt; no concept is blue
-CLASS_WORD = {"tealstar": "star", "pinkheart": "shape", "orangesquare": "square", "purpletriangle": "triangle"}
-GROUP_SEEDS = {"identity": 7000, "position": 7100, "size": 7200, "colour": 7300}
+CELLS = ROOT / "bench" / "out" / "toyworld"
+RESULT = ROOT / "bench" / "results" / "toyworld.json"
+LAST_ONLY = 100000   # checkpoint_every: only a run's last step is checkpointed, which is what the next stop resumes
 
 
 def use_scratch_folders() -> None:
-    """The pack's model folders in a temporary directory: nothing is written (checkpoint_every=0), but the nodes
-    look their folders up."""
+    """The pack's model folders in a temporary directory (checkpoints go there; nothing else is written)."""
     import tempfile
 
     import folder_paths
@@ -86,7 +85,12 @@ class Scorer:
         self.clip, self.vae, self.model, self.judge = load_clip(), load_vae(), load_model(), load_judge()
         self.reference_features: dict[str, torch.Tensor] = {}
 
-    def references(self, concept: world.Concept) -> torch.Tensor:
+    @property
+    def width(self) -> int:
+        return self.clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[1]
+
+    @staticmethod
+    def references(concept: world.Concept) -> torch.Tensor:
         return torch.from_numpy(world.concept_references(concept.name)).float() / 255
 
     def reference_feature(self, concept: world.Concept) -> torch.Tensor:
@@ -105,28 +109,27 @@ class Scorer:
             feats.append(f)
         return torch.cat(preds), torch.cat(feats)
 
-    def identity(self, model: Any, clip: Any, phrase: str, concept: world.Concept) -> dict[str, Any]:
-        preds, feats = self.judge_prompts(model, clip, [f"a photo of a {phrase}"], GROUP_SEEDS["identity"])
-        hit = self._is_concept(preds, concept)
-        cosine = torch.nn.functional.cosine_similarity(feats, self.reference_feature(concept)[None], dim=1)
-        return {"identity": int(hit.sum()), "n": len(hit), "feature_cosine": cosine.mean().item(),
-                "colour": int((preds[:, 0] == world.COLOUR_NAMES.index(concept.colour)).sum()),
-                "shape": int((preds[:, 1] == world.SHAPES.index(concept.shape)).sum())}
-
-    def score(self, model: Any, clip: Any, phrase: str, concept: world.Concept) -> dict[str, Any]:
-        out = self.identity(model, clip, phrase, concept)
-        positions = ("left", "right", "top", "bottom")
-        preds, _ = self.judge_prompts(model, clip, [f"a photo of a {phrase} {world.POS_PHRASE[p]}" for p in positions],
-                                      GROUP_SEEDS["position"])
-        asked = torch.tensor([world.POSITIONS.index(p) for p in positions]).repeat_interleave(PER_GROUP // 4)
-        out["position"] = int((preds[:, 3] == asked).sum())
-        out["position_identity"] = int(self._is_concept(preds, concept).sum())
-        preds, _ = self.judge_prompts(model, clip, [f"a photo of a small {phrase}"], GROUP_SEEDS["size"])
-        out["size"] = int((preds[:, 2] == world.SIZES.index("small")).sum())
-        out["size_identity"] = int(self._is_concept(preds, concept).sum())
-        preds, _ = self.judge_prompts(model, clip, [f"a photo of a {EDIT_COLOUR} {phrase}"], GROUP_SEEDS["colour"])
-        out["colour_change"] = int((preds[:, 0] == world.COLOUR_NAMES.index(EDIT_COLOUR)).sum())
-        out["colour_change_shape"] = int((preds[:, 1] == world.SHAPES.index(concept.shape)).sum())
+    def score(self, model: Any, clip: Any, text: str, concept: world.Concept,
+              groups: Sequence[str] = ("identity", "position", "size", "colour")) -> dict[str, Any]:
+        """Counts out of `n` images per group: the concept recognised, the asked position, size or colour."""
+        prompts = protocol.scored_prompts(text)
+        out: dict[str, Any] = {"n": PER_GROUP}
+        for group in groups:
+            preds, feats = self.judge_prompts(model, clip, prompts[group], GROUP_SEEDS[group])
+            if group == "identity":
+                out["identity"] = int(self._is_concept(preds, concept).sum())
+                out["feature_cosine"] = torch.nn.functional.cosine_similarity(
+                    feats, self.reference_feature(concept)[None], dim=1).mean().item()
+            elif group == "position":
+                asked = torch.tensor([world.POSITIONS.index(p) for p in protocol.POSITIONS])
+                out["position"] = int((preds[:, 3] == asked.repeat_interleave(len(preds) // len(asked))).sum())
+                out["position_identity"] = int(self._is_concept(preds, concept).sum())
+            elif group == "size":
+                out["size"] = int((preds[:, 2] == world.SIZES.index("small")).sum())
+                out["size_identity"] = int(self._is_concept(preds, concept).sum())
+            else:
+                out["colour_change"] = int((preds[:, 0] == world.COLOUR_NAMES.index(protocol.EDIT_COLOUR)).sum())
+                out["colour_change_shape"] = int((preds[:, 1] == world.SHAPES.index(concept.shape)).sum())
         return out
 
     @staticmethod
@@ -136,181 +139,162 @@ class Scorer:
 
 
 # -- training through the nodes ------------------------------------------------------------------------------------
-def learn(scorer: Scorer, method: str, concept: world.Concept, seed: int, steps: int) -> tuple[Any, Any, str, Any]:
-    """(MODEL, CLIP, prompt phrase, CONCEPT) of `method` trained on the concept's references through its node."""
+@contextlib.contextmanager
+def training_templates(row: Row) -> Iterator[None]:
+    """The template list the row trains with, in place of the published one (the size-word ablation)."""
+    from concept_forge.trainers import templates
+
+    published = templates.OBJECT_TEMPLATES
+    templates.OBJECT_TEMPLATES = tuple(protocol.training_templates(row))
+    try:
+        yield
+    finally:
+        templates.OBJECT_TEMPLATES = published
+
+
+def method_options(row: Row, width: int) -> Any:
+    """The row's Options for its method: the method's defaults with the row's fields (BaTex: M for this width)."""
+    from concept_forge.trainers.methods import method_options as defaults
+
+    fields = dict(row.options)
+    if row.method == "batex":
+        fields["basis_size"] = protocol.batex_basis_size(width)
+    return dataclasses.replace(defaults(row.method, None), **fields)
+
+
+def learn(scorer: Scorer, row: Row, concept: world.Concept, seed: int, steps: int,
+          resume: bool = False) -> tuple[Any, Any, Any]:
+    """(MODEL, CLIP, CONCEPT) after `steps` steps of `row` on the concept's references, through its node;
+    `resume` continues the checkpoint of the previous call's run."""
     from concept_forge.nodes.learn import LearnConcept
     from concept_forge.nodes.training import TrainingOptions
     from concept_forge.nodes.tuning import TuningEncoderNode
 
     images, class_word = scorer.references(concept), CLASS_WORD[concept.name]
-    if method == "tuning_encoder":
-        inputs = {**node_defaults(TuningEncoderNode), "model": scorer.model, "clip": scorer.clip, "vae": scorer.vae,
-                  "image": images[:1], "name": concept.name, "class_word": class_word, "resolution": world.RES,
-                  "seed": seed}
-        if steps:
-            inputs["tuning_steps"] = steps
-        model, clip, learned, _ = run_node(TuningEncoderNode, **inputs)
-        return model, clip, f"embedding:{concept.name}", learned
-    learned, clip, _, _ = run_node(
-        LearnConcept, model=scorer.model, clip=scorer.clip, vae=scorer.vae, images=images, name=concept.name,
-        init_word=class_word, method=method, steps=steps, learning_rate=0.0, batch_size=4, vectors=0,
-        resolution=world.RES, prompts="object", seed=seed, precision="fp32", gradient_checkpointing=False,
-        training_options=TrainingOptions(checkpoint_every=0))
-    phrase = class_word if method == "catversion" else f"embedding:{concept.name}"
-    return scorer.model, clip, phrase, learned
+    if row.method == "tuning_encoder":
+        model, clip, learned, _ = run_node(
+            TuningEncoderNode, **{**node_defaults(TuningEncoderNode), "model": scorer.model, "clip": scorer.clip,
+                                  "vae": scorer.vae, "image": images[:1], "name": concept.name,
+                                  "class_word": class_word, "resolution": world.RES, "seed": seed,
+                                  "tuning_steps": steps})
+        return model, clip, learned
+    with training_templates(row):
+        learned, clip, _, _ = run_node(
+            LearnConcept, model=scorer.model, clip=scorer.clip, vae=scorer.vae, images=images, name=concept.name,
+            init_word=class_word, method=row.method, steps=steps, learning_rate=row.learning_rate,
+            batch_size=row.batch_size, vectors=0, resolution=world.RES, prompts="object", seed=seed,
+            precision="fp32", gradient_checkpointing=False, method_options=method_options(row, scorer.width),
+            training_options=TrainingOptions(checkpoint_every=LAST_ONLY, resume=resume))
+    return scorer.model, clip, learned
 
 
-def vector_norm(concept: Any) -> float | None:
-    vectors = concept.vectors.get("l")
-    return None if vectors is None or not len(vectors) else vectors.float().norm(dim=-1).mean().item()
+def learned_facts(learned: Any) -> dict[str, Any]:
+    """What the cell records of the concept itself: the vectors' length, BaTex's basis."""
+    out: dict[str, Any] = {}
+    vectors = learned.vectors.get("l")
+    if vectors is not None and len(vectors):
+        out["norm"] = vectors.float().norm(dim=-1).mean().item()
+    if learned.method == "batex":
+        out["basis"] = {"M": learned.state["basis_size"], "rank": learned.state["rank"]["l"]}
+    return out
 
 
-# -- statistics ----------------------------------------------------------------------------------------------------
-def wilson(k: int, n: int) -> tuple[float, float, float]:
-    """Proportion and its Wilson score 95% interval."""
-    if n == 0:
-        return float("nan"), float("nan"), float("nan")
-    z, p = 1.96, k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return p, centre - half, centre + half
+def run_cell(scorer: Scorer, row: Row, concept: world.Concept, seed: int) -> dict[str, Any]:
+    """One row × concept × seed: its identity curve, and everything scored at the recipe's length."""
+    leaked = protocol.contamination(row, concept)
+    if leaked:
+        raise RuntimeError(f"{row.name} trains on scored prompts: {sorted(leaked)}")
+    text = protocol.phrase(row.name, concept)
+    cell: dict[str, Any] = {"row": row.name, "concept": concept.name, "kind": concept.kind, "seed": seed,
+                            "phrase": text, "curve": {}, "train_s": 0.0}
+    previous = 0
+    for steps in protocol.curve_points(row):
+        start = time.time()
+        model, clip, learned = learn(scorer, row, concept, seed, steps, resume=previous > 0)
+        cell["train_s"] += time.time() - start
+        previous = steps
+        if steps == row.steps:
+            cell.update(scorer.score(model, clip, text, concept, row.score_groups), **learned_facts(learned))
+            cell["recipe_train_s"] = cell["train_s"]
+            cell["curve"][str(steps)] = cell["identity"] / cell["n"]
+        else:
+            cell["curve"][str(steps)] = scorer.score(model, clip, text, concept, ("identity",))["identity"] / PER_GROUP
+    return cell
 
 
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its t 95% interval."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return float("nan"), float("nan")
-    if len(values) == 1:
-        return values[0], float("nan")
-    from scipy.stats import t  # a ComfyUI requirement
-
-    n = len(values)
-    return statistics.mean(values), float(t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
-
-
-def fidelity(cell: dict[str, Any]) -> float:
-    n = cell["n"]
-    return (cell["position"] + cell["size"] + cell["colour_change"]) / (3 * n)
-
-
-def summarise(cells: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per row (method or baseline): per-concept pooled proportions and the mean over concepts."""
-    rows: dict[str, Any] = {}
-    for row in dict.fromkeys(c["row"] for c in cells):
-        mine = [c for c in cells if c["row"] == row]
-        per_concept = {}
-        for name in dict.fromkeys(c["concept"] for c in mine):
-            cs = [c for c in mine if c["concept"] == name]
-            n = sum(c["n"] for c in cs)
-            per_concept[name] = {k: wilson(sum(c[k] for c in cs), n) for k in
-                                 ("identity", "position", "size", "colour_change", "colour_change_shape")}
-            per_concept[name]["feature_cosine"] = mean_ci([c["feature_cosine"] for c in cs])
-            per_concept[name]["fidelity"] = mean_ci([fidelity(c) for c in cs])
-        ident = [c["identity"] / c["n"] for c in mine]
-        fid = [fidelity(c) for c in mine]
-        rows[row] = {
-            "cells": len(mine), "per_concept": per_concept,
-            "identity": mean_ci(ident), "feature_cosine": mean_ci([c["feature_cosine"] for c in mine]),
-            "position": mean_ci([c["position"] / c["n"] for c in mine]),
-            "size": mean_ci([c["size"] / c["n"] for c in mine]),
-            "colour_change": mean_ci([c["colour_change"] / c["n"] for c in mine]),
-            "fidelity": mean_ci(fid), "product": mean_ci([i * f for i, f in zip(ident, fid, strict=True)]),
-            "norm": mean_ci([c["norm"] for c in mine if c.get("norm") is not None]),
-            "train_s": mean_ci([c["train_s"] for c in mine if c.get("train_s") is not None]),
-        }
-        curves = [c["convergence"] for c in mine if c.get("convergence")]
-        if curves:
-            steps = sorted({int(k) for cv in curves for k in cv})
-            pooled = {s: statistics.mean(cv[str(s)] for cv in curves) for s in steps}
-            final = pooled[max(steps)]
-            rows[row]["identity_by_steps"] = pooled
-            rows[row]["steps_to_90"] = next((s for s in steps if pooled[s] >= 0.9 * final), None)
-    return rows
-
-
-def print_table(rows: dict[str, Any]) -> None:
-    def f(mc: tuple[float, float]) -> str:
-        m, h = mc
-        return "–" if math.isnan(m) else (f"{m:.2f}" if math.isnan(h) else f"{m:.2f}±{h:.2f}")
-    head = ("row", "identity", "feat cos", "position", "small", "blue", "fidelity", "id×fid", "‖v‖", "steps→90%")
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for row, r in rows.items():
-        print(f"| {row} | {f(r['identity'])} | {f(r['feature_cosine'])} | {f(r['position'])} | {f(r['size'])} | "
-              f"{f(r['colour_change'])} | {f(r['fidelity'])} | {f(r['product'])} | {f(r['norm'])} | "
-              f"{r.get('steps_to_90') or '–'} |")
+def baseline_cell(scorer: Scorer, row: str, concept: world.Concept) -> dict[str, Any]:
+    text = protocol.phrase(row, concept)
+    return {"row": row, "concept": concept.name, "kind": concept.kind, "seed": 0, "phrase": text,
+            **scorer.score(scorer.model, scorer.clip, text, concept)}
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--concepts", nargs="+", choices=list(world.CONCEPTS), default=list(world.CONCEPTS))
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=STEPS, help="Learn Concept steps (Tuning Encoder: its own)")
-    parser.add_argument("--convergence-seeds", type=int, nargs="*", default=[0],
-                        help="seeds that also train the shorter runs (none: skip them)")
-    parser.add_argument("--merge", type=Path, nargs="+", help="summarise the cells of earlier runs' JSON files "
-                        "(e.g. shards run side by side) instead of running")
-    parser.add_argument("--no-baselines", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=OUT)
-    opts = parser.parse_args(argv)
-    if opts.merge:
-        runs = [json.loads(path.read_text()) for path in opts.merge]
-        settings = {**runs[0]["settings"], "concepts": [n for r in runs for n in r["settings"]["concepts"]]}
-        return report([c for r in runs for c in r["cells"]], settings, sum(r["seconds"] for r in runs), opts.out)
+Job = tuple[str, str, int]   # (row, concept, seed)
+
+
+def jobs(rows: Sequence[str], concepts: Sequence[str], seeds: Sequence[int], baselines: bool) -> list[Job]:
+    """Seed-major, so that a run stopped early has every row on the same cells."""
+    out: list[Job] = [(b, c, 0) for b in protocol.BASELINE_ROWS for c in concepts] if baselines else []
+    return out + [(r, c, s) for s in seeds for c in concepts for r in rows]
+
+
+def read_cells(folders: Sequence[Path]) -> list[dict[str, Any]]:
+    cells = []
+    for folder in folders:
+        for path in sorted(folder.glob("*.jsonl")):
+            cells += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return cells
+
+
+def append_cell(path: Path, cell: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(cell) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run(opts: argparse.Namespace) -> None:
+    index, count = (int(x) for x in opts.shard.split("/"))
+    todo = jobs(opts.rows, opts.concepts, opts.seeds, not opts.no_baselines)[index::count]
+    done = {(c["row"], c["concept"], c["seed"]) for c in read_cells([opts.cells])}
+    todo = [j for j in todo if j not in done]
+    print(f"shard {opts.shard}: {len(todo)} cells to run ({len(done)} already in {opts.cells})", flush=True)
     torch.set_num_threads(opts.threads)
     import_pack()
     use_scratch_folders()
     import comfy.utils
 
     comfy.utils.set_progress_bar_enabled(False)
-    start = time.time()
-    scorer = Scorer()
-    cells: list[dict[str, Any]] = []
-    concepts = [world.CONCEPTS[n] for n in opts.concepts]
-    if not opts.no_baselines:
-        for c in concepts:
-            for row, phrase in (("class word", CLASS_WORD[c.name]),
-                                ("own words", f"{c.colour} {'shape' if c.shape in world.HIDDEN_SHAPES else c.shape}")):
-                cells.append({"row": row, "concept": c.name, "seed": 0, "phrase": phrase,
-                              **scorer.score(scorer.model, scorer.clip, phrase, c)})
-                print(f"{row:>14} {c.name:>15}: identity {cells[-1]['identity']}/{cells[-1]['n']} "
-                      f"({time.time() - start:.0f} s)", flush=True)
-    for method in opts.methods:
-        for c in concepts:
-            for seed in opts.seeds:
-                t0 = time.time()
-                model, clip, phrase, learned = learn(scorer, method, c, seed,
-                                                     0 if method == "tuning_encoder" else opts.steps)
-                train_s = time.time() - t0
-                cell = {"row": method, "concept": c.name, "seed": seed, "phrase": phrase, "train_s": train_s,
-                        "norm": vector_norm(learned), **scorer.score(model, clip, phrase, c)}
-                if method != "tuning_encoder" and seed in opts.convergence_seeds:
-                    curve = {str(opts.steps): cell["identity"] / cell["n"]}
-                    for steps in CONVERGENCE:
-                        m, cl, ph, _ = learn(scorer, method, c, seed, steps)
-                        ident = scorer.identity(m, cl, ph, c)
-                        curve[str(steps)] = ident["identity"] / ident["n"]
-                    cell["convergence"] = curve
-                cells.append(cell)
-                print(f"{method:>14} {c.name:>15} seed {seed}: identity {cell['identity']}/{cell['n']}, fidelity "
-                      f"{fidelity(cell):.2f}, train {train_s:.0f} s ({time.time() - start:.0f} s)", flush=True)
-    settings = {"steps": opts.steps, "per_group": PER_GROUP, "seeds": opts.seeds, "concepts": opts.concepts,
-                "convergence_steps": [*CONVERGENCE, opts.steps], "convergence_seeds": opts.convergence_seeds,
-                "sampler": "euler/normal, 20 steps, CFG 5", "edit_colour": EDIT_COLOUR, "class_words": CLASS_WORD}
-    return report(cells, settings, time.time() - start, opts.out)
+    scorer, start = Scorer(), time.time()
+    out = opts.cells / f"shard-{index}-of-{count}.jsonl"
+    for row, name, seed in todo:
+        concept = world.CONCEPTS[name]
+        cell = (baseline_cell(scorer, row, concept) if row in protocol.BASELINE_ROWS
+                else run_cell(scorer, protocol.ROWS[row], concept, seed))
+        cell["settings"] = {"threads": opts.threads, "width": scorer.width}
+        append_cell(out, cell)
+        curve = " ".join(f"{k}:{v:.2f}" for k, v in cell.get("curve", {}).items())
+        print(f"{row:>28} {name:>15} seed {seed}: identity {cell['identity']}/{cell['n']} {curve} "
+              f"({time.time() - start:.0f} s)", flush=True)
 
 
-def report(cells: list[dict[str, Any]], settings: dict[str, Any], seconds: float, out: Path) -> dict[str, Any]:
-    rows = summarise(cells)
-    result = {"settings": settings, "rows": rows, "cells": cells, "seconds": seconds}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print_table(rows)
-    print(f"wrote {out} ({seconds:.0f} s)")
-    return result
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", nargs="+", choices=list(protocol.ROWS), default=list(protocol.ROWS))
+    parser.add_argument("--concepts", nargs="+", choices=list(world.CONCEPTS), default=list(world.CONCEPTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--shard", default="0/1", help="i/n: run every n-th cell from the i-th")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cells", type=Path, default=CELLS, help="where cells are appended and found")
+    parser.add_argument("--report", action="store_true", help="summarise the cells found instead of running")
+    parser.add_argument("--out", type=Path, default=RESULT)
+    opts = parser.parse_args(argv)
+    if opts.report:
+        report.write(read_cells([opts.cells]), opts.out)
+    else:
+        run(opts)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ reference set is reproducible. The design (after the prototype in shared/toyworl
 - hidden words: teal objects and hearts appear in training images, but the words "teal" and "heart" never
   appear in a caption (teal objects get no colour word, hearts are called "shape");
 - held-out combinations: some colour×shape and shape×position pairs are in no training image at all;
-- concepts for the per-method benchmark: their colour×shape pair is also in no training image, and their four
-  reference images are all big and centred, so prompts asking for "small" or another position test editability.
+- concepts for the per-method benchmark: eight, of four kinds (a hidden colour, a hidden shape, known-word
+  controls, and references that vary); six have a colour×shape pair that is in no training image. Most have four
+  references that are all big and centred, so prompts asking for "small" or another position test editability;
+  two have references that vary in size and position, to show what varied references keep editable.
 """
 
 from __future__ import annotations
@@ -52,25 +54,40 @@ EMPTY_CAPTION = ""      # the unconditional caption (classifier-free guidance)
 
 @dataclass(frozen=True)
 class Concept:
-    """A concept for the per-method benchmark: its pair is in no training image."""
+    """A concept for the per-method benchmark."""
     name: str
     colour: str
     shape: str
-    kind: str            # which words are hidden: "hidden colour", "hidden shape" or "known words"
+    kind: str            # "hidden colour", "hidden shape", "known words" or "varied references"
+    varied: bool = False  # references of both sizes at four positions instead of big and centred
 
     @property
     def hidden_words(self) -> tuple[str, ...]:
         return tuple(w for w in (self.colour, self.shape) if w in HIDDEN_COLOURS | HIDDEN_SHAPES)
 
+    @property
+    def pair_seen(self) -> bool:
+        """Whether the base model saw this colour×shape pair (under its caption's words) in training."""
+        return (self.colour, self.shape) not in HELDOUT_COLOUR_SHAPE | BUILD_HELDOUT_PAIRS
+
+
+# The pairs held out of the base model's training images (beside HELDOUT_COLOUR_SHAPE) when the shipped weights
+# were built: the first four benchmark concepts'. Frozen, so that adding concepts never changes what a rebuild
+# trains on.
+BUILD_HELDOUT_PAIRS = frozenset({("teal", "star"), ("pink", "heart"), ("orange", "square"), ("purple", "triangle")})
 
 CONCEPTS = {c.name: c for c in (
     Concept("tealstar", "teal", "star", "hidden colour"),
     Concept("pinkheart", "pink", "heart", "hidden shape"),
     Concept("orangesquare", "orange", "square", "known words"),
     Concept("purpletriangle", "purple", "triangle", "known words"),
+    Concept("tealcross", "teal", "cross", "hidden colour"),                    # pair seen, as "a cross"
+    Concept("yellowheart", "yellow", "heart", "hidden shape"),                 # pair seen, as "a yellow shape"
+    Concept("whitestar", "white", "star", "varied references", varied=True),   # held-out pair
+    Concept("redtriangle", "red", "triangle", "varied references", varied=True),  # held-out pair
 )}
-CONCEPT_PAIRS = frozenset((c.colour, c.shape) for c in CONCEPTS.values())
 REFERENCE_SEED = 1234
+VARIED_REFERENCES = (("big", "center"), ("small", "left"), ("big", "top"), ("small", "right"))
 
 Attrs = tuple[str, str, str, str]   # (colour, shape, size, position)
 
@@ -78,7 +95,7 @@ Attrs = tuple[str, str, str, str]   # (colour, shape, size, position)
 def in_training(colour: str, shape: str, size: str, position: str) -> bool:
     """Whether a combination may appear in the base model's training images."""
     pair = (colour, shape)
-    return (pair not in HELDOUT_COLOUR_SHAPE and pair not in CONCEPT_PAIRS
+    return (pair not in HELDOUT_COLOUR_SHAPE and pair not in BUILD_HELDOUT_PAIRS
             and (shape, position) not in HELDOUT_SHAPE_POSITION)
 
 
@@ -191,10 +208,12 @@ def make_images(n: int, seed: int, training_only: bool) -> tuple[np.ndarray, np.
 
 
 def concept_references(name: str, n: int = 4, seed: int = REFERENCE_SEED) -> np.ndarray:
-    """The concept's reference images [n, RES, RES, 3] uint8: all big and in the centre."""
+    """The concept's reference images [n, RES, RES, 3] uint8: all big and in the centre, or (a varied concept)
+    cycling through VARIED_REFERENCES."""
     c = CONCEPTS[name]
     rng = np.random.default_rng(seed)
-    return np.stack([render((c.colour, c.shape, "big", "center"), rng)[0] for _ in range(n)])
+    layouts = [VARIED_REFERENCES[i % len(VARIED_REFERENCES)] if c.varied else ("big", "center") for i in range(n)]
+    return np.stack([render((c.colour, c.shape, size, position), rng)[0] for size, position in layouts])
 
 
 # -- evaluation suites --------------------------------------------------------------------------------------------
@@ -212,7 +231,7 @@ def heldin_suite(n: int = 48, seed: int = 2024) -> list[Attrs]:
 def heldout_colour_shape_suite(per_pair: int = 3, seed: int = 2025) -> list[Attrs]:
     """Each held-out colour×shape pair (and known-word concept pair) at random sizes and seen positions."""
     rng, out = random.Random(seed), []
-    pairs = sorted(HELDOUT_COLOUR_SHAPE | {p for p in CONCEPT_PAIRS if uses_known_words(*p)})
+    pairs = sorted(HELDOUT_COLOUR_SHAPE | {p for p in BUILD_HELDOUT_PAIRS if uses_known_words(*p)})
     for colour, shape in pairs:
         for _ in range(per_pair):
             position = rng.choice([p for p in POSITIONS if (shape, p) not in HELDOUT_SHAPE_POSITION])
@@ -226,7 +245,7 @@ def heldout_shape_position_suite(per_pair: int = 3, seed: int = 2026) -> list[At
     for shape, position in sorted(HELDOUT_SHAPE_POSITION):
         for _ in range(per_pair):
             colour = rng.choice([c for c in COLOUR_NAMES if uses_known_words(c, shape)
-                                 and (c, shape) not in HELDOUT_COLOUR_SHAPE | CONCEPT_PAIRS])
+                                 and (c, shape) not in HELDOUT_COLOUR_SHAPE | BUILD_HELDOUT_PAIRS])
             out.append((colour, shape, rng.choice(SIZES), position))
     return out
 
@@ -244,6 +263,9 @@ def definition() -> dict[str, object]:
                     "example": prompt("red", "circle", "big", "left")},
         "concepts": {c.name: {"colour": c.colour, "shape": c.shape, "kind": c.kind,
                               "hidden_words": list(c.hidden_words),
-                              "references": "4 images, big, center, seed %d" % REFERENCE_SEED}
+                              "pair_seen": c.pair_seen,
+                              "references": "4 images, %s, seed %d" % (
+                                  ", ".join(" ".join(v) for v in VARIED_REFERENCES) if c.varied else "big, center",
+                                  REFERENCE_SEED)}
                      for c in CONCEPTS.values()},
     }

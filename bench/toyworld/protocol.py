@@ -1,0 +1,121 @@
+"""The benchmark's protocol: each row's recipe and where it comes from, the prompts that are scored, and the check
+that no scored prompt is one the row trained on (docs/METHODS.md has the recipes' sources).
+
+Pure Python: the unit tests check the protocol without ComfyUI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from . import world
+
+CURVE = (25, 50, 100, 200, 400, 1000)   # identity is scored after this many steps of every curve row
+PER_GROUP = 32                          # images per prompt group
+EDIT_COLOUR = "blue"                    # the colour-change prompt; no concept is blue
+POSITIONS = ("left", "right", "top", "bottom")
+SIZE_WORDS = frozenset({"small", "large", "big", "tiny", "huge"})
+BATEX_M_PER_WIDTH = 720 / 768           # regression.sh's M = 720 on SD 1.5's 768-wide encoder
+CLASS_WORD = {"tealstar": "star", "pinkheart": "shape", "orangesquare": "square", "purpletriangle": "triangle",
+              "tealcross": "cross", "yellowheart": "shape", "whitestar": "star", "redtriangle": "triangle"}
+GROUP_SEEDS = {"identity": 7000, "position": 7100, "size": 7200, "colour": 7300}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method at one recipe. Learning rates are per sample: the node multiplies by the batch, as each method's
+    official code does (`scale_lr`)."""
+
+    name: str
+    method: str
+    steps: int                  # the recipe's length: fidelity is scored here
+    learning_rate: float
+    recipe: str                 # where the settings come from
+    batch_size: int = 4
+    options: Mapping[str, Any] = field(default_factory=dict)  # fields of the method's Options
+    size_words: bool = True     # train on the template list as published (it says "small" and "large")
+    curve: bool = True          # identity after every CURVE step (one run, resumed through the node)
+
+    @property
+    def effective_learning_rate(self) -> float:
+        return self.learning_rate * self.batch_size
+
+    @property
+    def score_groups(self) -> tuple[str, ...]:
+        # the size-word ablation only changes what "small" does
+        return ("identity", "position", "size", "colour") if self.size_words else ("identity", "size")
+
+
+def _no_size(row: Row) -> Row:
+    return Row(f"{row.name}, no size words", row.method, row.steps, row.learning_rate,
+               f"{row.name}'s recipe; the training templates that say a size left out", row.batch_size, row.options,
+               size_words=False, curve=False)
+
+
+TI = Row("TI", "ti", 400, 5e-3, "DTI's TI baseline (exps/ti_sdxl.py): AdamW 5e-3 × batch 4 = 0.02, 400 steps")
+TI_SLOW = Row("TI 2e-3", "ti", 1000, 5e-4, "BaTex's claim baseline, diffusers' README rate: 5e-4 × 4 = 2e-3; "
+              "scored at BaTex's 1000 steps")
+DTI = Row("DTI", "dti", 400, 0.01, "exps/ours_sdxl.py: SphericalSGD 0.01 × 4 = 0.04, β = 0, 400 steps",
+          options={"beta": 0.0})
+DTI_BETA = Row("DTI β 0.99", "dti", 400, 0.01, "DTI's recipe with the step-size average of the repo's "
+               "training/manifold.py (β = 0.99)", options={"beta": 0.99})
+BATEX = Row("BaTex", "batex", 1000, 5e-4, "regression.sh: M/d = 720/768, AdamW 5e-4 × 4 = 2e-3, 1000 steps")
+CATVERSION = Row("CatVersion", "catversion", 1000, 5e-3, "v1-finetune.yaml: 5e-3 × batch 2 = 1e-2, 1000 steps; "
+                 "mask bias 0 (the paper's attention)", batch_size=2, options={"mask_bias": 0.0})
+CATVERSION_BIAS = Row("CatVersion +1 bias", "catversion", 1000, 5e-3, "CatVersion's recipe with the official "
+                      "code's +1 logit bias on the residual keys", batch_size=2, options={"mask_bias": 1.0})
+TUNING_ENCODER = Row("Tuning Encoder, no weights", "tuning_encoder", 12, 0.0, "its node's defaults: 12 steps "
+                     "from one reference, no encoder weights", curve=False)
+
+ROWS: dict[str, Row] = {r.name: r for r in (TI, TI_SLOW, DTI, DTI_BETA, BATEX, CATVERSION, CATVERSION_BIAS,
+                                            _no_size(TI), _no_size(DTI), _no_size(BATEX), TUNING_ENCODER)}
+BASELINE_ROWS = ("class word", "own words")
+
+
+def batex_basis_size(width: int) -> int:
+    """M for an encoder `width` wide, in the paper's proportion."""
+    return round(BATEX_M_PER_WIDTH * width)
+
+
+def curve_points(row: Row) -> list[int]:
+    """The step counts at which a row is scored: its curve (through the recipe's steps) or the recipe alone."""
+    return sorted({*CURVE, row.steps}) if row.curve else [row.steps]
+
+
+def phrase(row_or_baseline: str, concept: world.Concept) -> str:
+    """What a prompt calls the concept."""
+    if row_or_baseline == "class word" or ROWS.get(row_or_baseline, TI).method == "catversion":
+        return CLASS_WORD[concept.name]
+    if row_or_baseline == "own words":
+        return f"{concept.colour} {'shape' if concept.shape in world.HIDDEN_SHAPES else concept.shape}"
+    return f"embedding:{concept.name}"
+
+
+def scored_prompts(text: str) -> dict[str, list[str]]:
+    """Every prompt a group is scored on. No method's training prompt has this form: the templates all start
+    with a word before the article ("a photo of a {}"), and CatVersion trains on the bare class word."""
+    return {"identity": [f"a {text}"],
+            "position": [f"a {text} {world.POS_PHRASE[p]}" for p in POSITIONS],
+            "size": [f"a small {text}"],
+            "colour": [f"a {EDIT_COLOUR} {text}"]}
+
+
+def training_templates(row: Row) -> list[str]:
+    """The template list a row trains with (`{}`: the concept)."""
+    from concept_forge.trainers.templates import OBJECT_TEMPLATES
+
+    if row.size_words:
+        return list(OBJECT_TEMPLATES)
+    return [t for t in OBJECT_TEMPLATES if not SIZE_WORDS & set(t.replace("{}", " ").split())]
+
+
+def contamination(row: Row, concept: world.Concept) -> set[str]:
+    """Scored prompts that are also training prompts of `row` (must be empty)."""
+    from concept_forge.trainers.methods import method_prompts
+
+    text = phrase(row.name, concept)
+    trained = {p.replace("{}", text)
+               for p in method_prompts(row.method, training_templates(row), False, CLASS_WORD[concept.name])}
+    scored = {p for group in scored_prompts(text).values() for p in group}
+    return trained & scored

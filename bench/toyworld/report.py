@@ -1,0 +1,153 @@
+"""The benchmark's summary: per row the means over its concept × seed cells, its identity curve, its paired
+differences against TI, and a verdict on each paper claim from its paired interval."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import protocol
+from .stats import Interval, mean_ci, verdict
+
+Cell = dict[str, Any]
+REFERENCE = "TI"
+MARGIN = 0.05   # "kept" / "on par": the paired interval's lower end above −0.05
+
+
+def metric(cell: Cell, name: str) -> float | None:
+    """A cell's value of `name`: a share of its images, the feature cosine, fidelity, or `curve:<steps>`."""
+    if name.startswith("curve:"):
+        return cell.get("curve", {}).get(name[6:])
+    if name == "fidelity":
+        parts = [metric(cell, k) for k in ("position", "size", "colour_change")]
+        return None if None in parts else statistics.mean(p for p in parts if p is not None)
+    if name == "product":
+        i, f = metric(cell, "identity"), metric(cell, "fidelity")
+        return None if i is None or f is None else i * f
+    value = cell.get(name)
+    if value is None or name in ("feature_cosine", "norm", "recipe_train_s"):
+        return value
+    return value / cell["n"]
+
+
+METRICS = ("identity", "feature_cosine", "position", "size", "colour_change", "fidelity", "product", "norm",
+           "recipe_train_s")
+
+
+def paired(cells: Sequence[Cell], row: str, other: str, name: str) -> Interval:
+    """Mean of `row` − `other` over the cells both have, and its t interval."""
+    mine = {(c["concept"], c["seed"]): metric(c, name) for c in cells if c["row"] == row}
+    theirs = {(c["concept"], c["seed"]): metric(c, name) for c in cells if c["row"] == other}
+    return mean_ci([mine[k] - theirs[k] for k in mine.keys() & theirs.keys()
+                    if mine[k] is not None and theirs[k] is not None])
+
+
+def summarise_row(cells: Sequence[Cell], row: str) -> dict[str, Any]:
+    mine = [c for c in cells if c["row"] == row]
+    out: dict[str, Any] = {"cells": len(mine), "seeds": sorted({c["seed"] for c in mine}),
+                           "concepts": sorted({c["concept"] for c in mine})}
+    out.update({name: mean_ci([metric(c, name) for c in mine]) for name in METRICS})
+    out["by_kind"] = {kind: mean_ci([metric(c, "identity") for c in mine if c["kind"] == kind])
+                      for kind in dict.fromkeys(c["kind"] for c in mine)}
+    out["by_concept"] = {name: {m: mean_ci([metric(c, m) for c in mine if c["concept"] == name])[0]
+                                for m in ("identity", "fidelity", "size")}
+                         for name in dict.fromkeys(c["concept"] for c in mine)}
+    steps = sorted({int(s) for c in mine for s in c.get("curve", {})})
+    if len(steps) > 1:
+        curve = {s: mean_ci([metric(c, f"curve:{s}") for c in mine]) for s in steps}
+        out["curve"] = curve
+        final = curve[steps[-1]][0]
+        out["steps_to_90"] = next(s for s in steps if curve[s][0] >= 0.9 * final)
+    if row != REFERENCE and row not in protocol.BASELINE_ROWS:
+        out["vs_TI"] = {m: paired(cells, row, REFERENCE, m) for m in ("identity", "fidelity", "size", "product")}
+    bases = [c["basis"] for c in mine if "basis" in c]
+    if bases:
+        out["basis"] = {"M": bases[0]["M"], "rank": sorted({r for b in bases for r in b["rank"]}),
+                        "width": mine[0]["settings"]["width"]}
+    return out
+
+
+# (claim, row, baseline row, metric, test) — test: +1 the row is higher, "kept": not lower by more than MARGIN
+CLAIMS: tuple[tuple[str, str, str, str, Any], ...] = (
+    ("DTI keeps the prompt better than TI (fidelity, 400 steps)", "DTI", "TI", "fidelity", 1),
+    ("DTI keeps TI's identity", "DTI", "TI", "identity", "kept"),
+    ("BaTex converges faster than TI at 2e-3 (identity after 100 steps)", "BaTex", "TI 2e-3", "curve:100", 1),
+    ("BaTex converges faster than TI at 2e-3 (identity after 200 steps)", "BaTex", "TI 2e-3", "curve:200", 1),
+    ("BaTex follows the prompt better than TI at 2e-3 (fidelity, 1000 steps)", "BaTex", "TI 2e-3", "fidelity", 1),
+    ("CatVersion follows the prompt better than TI (fidelity)", "CatVersion", "TI", "fidelity", 1),
+    ("CatVersion keeps TI's identity", "CatVersion", "TI", "identity", "kept"),
+    ("TI without size words in its templates obeys 'small' more", "TI, no size words", "TI", "size", 1),
+    ("DTI without size words in its templates obeys 'small' more", "DTI, no size words", "DTI", "size", 1),
+    ("BaTex without size words in its templates obeys 'small' more", "BaTex, no size words", "BaTex", "size", 1),
+)
+
+
+def judge_claims(cells: Sequence[Cell]) -> list[dict[str, Any]]:
+    out = []
+    for claim, row, base, name, test in CLAIMS:
+        diff = paired(cells, row, base, name)
+        if test == "kept":
+            mean, half = diff
+            found = "not testable" if math.isnan(half) else "found" if mean - half > -MARGIN else "not found"
+        else:
+            found = verdict(diff, test)
+        out.append({"claim": claim, "row": row, "against": base, "metric": name, "difference": diff,
+                    "verdict": found})
+    return out
+
+
+def summarise(cells: Sequence[Cell]) -> dict[str, Any]:
+    order = [*protocol.BASELINE_ROWS, *protocol.ROWS]
+    return {row: summarise_row(cells, row) for row in order if any(c["row"] == row for c in cells)}
+
+
+def _f(value: Interval | float | None, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    mean, half = value if isinstance(value, tuple) else (value, float("nan"))
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def table(rows: dict[str, Any], claims: list[dict[str, Any]]) -> str:
+    lines = ["| row | cells | identity | position | small | blue | fidelity | identity × fidelity | ‖v‖ | "
+             "identity − TI | fidelity − TI | small − TI |", "|" + "---|" * 12]
+    for row, r in rows.items():
+        vs = r.get("vs_TI", {})
+        lines.append(f"| {row} | {r['cells']} | {_f(r['identity'])} | {_f(r['position'])} | {_f(r['size'])} | "
+                     f"{_f(r['colour_change'])} | {_f(r['fidelity'])} | {_f(r['product'])} | {_f(r['norm'][0])} | "
+                     f"{_f(vs.get('identity'))} | {_f(vs.get('fidelity'))} | {_f(vs.get('size'))} |")
+    curves = {row: r["curve"] for row, r in rows.items() if "curve" in r}
+    if curves:
+        steps = sorted({s for c in curves.values() for s in c})
+        lines += ["", "| identity after | " + " | ".join(map(str, steps)) + " | steps → 90% |",
+                  "|" + "---|" * (len(steps) + 2)]
+        for row, c in curves.items():
+            lines.append(f"| {row} | " + " | ".join(_f(c.get(s)) for s in steps) +
+                         f" | {rows[row]['steps_to_90']} |")
+    lines += ["", "| claim | difference (95% t interval) | verdict |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | {_f(c['difference'], 3)} | {c['verdict']} |" for c in claims]
+    return "\n".join(lines)
+
+
+def write(cells: Sequence[Cell], out: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
+    rows, claims = summarise(cells), judge_claims(cells)
+    result = {"protocol": {"rows": {name: {"method": r.method, "steps": r.steps, "learning_rate": r.learning_rate,
+                                           "effective_learning_rate": r.effective_learning_rate,
+                                           "batch_size": r.batch_size, "options": dict(r.options),
+                                           "size_words": r.size_words, "curve": r.curve, "recipe": r.recipe}
+                                    for name, r in protocol.ROWS.items()},
+                           "curve": protocol.CURVE, "per_group": protocol.PER_GROUP,
+                           "prompts": protocol.scored_prompts("⟨c⟩"), "class_words": protocol.CLASS_WORD,
+                           "sampler": "euler/normal, 20 steps, CFG 5"},
+              "rows": {row: {k: v for k, v in r.items()} for row, r in rows.items()},
+              "claims": claims, "cells": list(cells)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    say(table(rows, claims))
+    say(f"wrote {out} ({len(cells)} cells)")
+    return result
