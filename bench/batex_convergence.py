@@ -91,7 +91,7 @@ class Models:
                 from tiny_host import TinyHost
                 yield TinyHost(self.arch)
                 return
-            from concept_forge.nodes.comfy_host import ComfyHost
+            from concept_forge.nodes.host import ComfyHost
             tc = self.tc
             with ComfyHost(tc.tiny_model(self.arch), tc.tiny_clip(self.arch), tc.tiny_vae(), self.arch) as host:
                 yield host

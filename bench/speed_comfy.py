@@ -132,7 +132,7 @@ def training_images(size: Size, resolution: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def comfy_host(spec: dict[str, Any], device: torch.device) -> Iterator[tuple[Any, dict[str, int]]]:
-    from concept_forge.nodes.comfy_host import ComfyHost, detect_arch
+    from concept_forge.nodes.host import ComfyHost, detect_arch
 
     size = Size(**spec["size"])
     with torch.inference_mode(False), torch.enable_grad():

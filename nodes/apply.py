@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from ..trainers.concept import ARCH_LABELS, Concept
-from .comfy_host import ENCODER_KEYS, clip_arch, describe_clip, tokenizer_with_lookup
+from .host import ENCODER_KEYS, clip_arch, describe_clip, tokenizer_with_lookup
 
 
 def check_concept_fits(concept: Concept, clip: Any, node: str) -> None:

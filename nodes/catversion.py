@@ -11,7 +11,7 @@ from comfy_api.v0_0_2 import io, ui
 from ..trainers.concept import Concept
 from ..trainers.methods import catversion
 from .apply import check_concept_fits, encoder_tables
-from .comfy_host import conditioning_layers
+from .host import conditioning_layers
 from .residual_attention import ActivatingEncode, ResidualAttention, ResidualEntry, tokenizer_tagging
 from .types import CATEGORY, OPTIONS_CATEGORY, ConceptIO, MethodOptionsIO
 from .validation import schema_problem

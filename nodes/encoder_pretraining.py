@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     import comfy.sd
     import folder_paths
 
-    from .comfy_host import ComfyHost, detect_arch
+    from .host import ComfyHost, detect_arch
     from .paths import ENCODERS, register_model_folders
 
     rank, world = distributed()

@@ -10,7 +10,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..trainers.concept import ARCH_LABELS, Concept
 from .apply import encoder_tables
-from .comfy_host import clip_arch, describe_clip
+from .host import clip_arch, describe_clip
 from .types import CATEGORY, ConceptIO
 
 INFO = "Concept Info"

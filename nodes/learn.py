@@ -11,7 +11,7 @@ from ..trainers.concept import name_problem
 from ..trainers.methods import MODULES
 from .apply import apply_concepts
 from .catversion import residual_clip
-from .comfy_host import PRECISIONS
+from .host import PRECISIONS
 from .plot import loss_plot
 from .training import NODE, Learned, LearnSettings, TrainingOptions, learn
 from .types import CATEGORY, OPTIONS_CATEGORY, ConceptIO, MethodOptionsIO, TrainingOptionsIO

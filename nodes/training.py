@@ -25,7 +25,7 @@ from ..trainers.loop import (
 )
 from ..trainers.methods import Method, create_method, method_options, method_prompts
 from ..trainers.templates import training_prompts
-from .comfy_host import ComfyHost, detect_arch
+from .host import ComfyHost, detect_arch
 from .paths import STATE_FILE, checkpoint_dir, display_path, recovery_path
 from .progress import NodeProgress
 from .provenance import provenance

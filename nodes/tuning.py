@@ -14,7 +14,7 @@ from ..trainers.methods import tuning_encoder as tuning
 from ..trainers.methods.base import init_vectors
 from ..trainers.tuning_encoder import EncoderConfig, TuningEncoder, load_encoder, mismatches
 from .apply import apply_concepts
-from .comfy_host import ATTENTION_PROJECTIONS, ComfyHost
+from .host import ATTENTION_PROJECTIONS, ComfyHost
 from .learn import summary
 from .paths import ENCODERS
 from .plot import loss_plot

@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "bench"))   # `pack_import` and `toyworld`, as the
 
 from pack_import import import_pack  # noqa: E402
 
-# The concept each graph learns: one its method learned well at seed 0 in the benchmark (bench/results/toyworld.json),
-# and not the same one everywhere, so that the thumbnails tell the workflows apart.
+# The concept each graph learns: a known-word control, which every method learns in the benchmark
+# (bench/results/toyworld.json), and not the same one everywhere, so that the thumbnails tell the workflows apart.
 CONCEPT_OF = {"ti": "purpletriangle", "dti": "orangesquare", "batex": "purpletriangle", "catversion": "orangesquare"}
 NAMES = {"ti": "{}", "dti": "{}_dti", "batex": "{}_batex", "catversion": "{}"}   # as the workflows name them
 SLERP = ("orangesquare", "pinkheart")   # other colour and other shape, so the blend shows both turning

@@ -1,6 +1,6 @@
 """The interface the trainers see of a text-to-image model (docs/DESIGN.md, "The host interface").
 
-`nodes/comfy_host.py` implements it on ComfyUI's CLIP, MODEL and VAE; the unit tests implement it on tiny torch
+`nodes/host/` implements it on ComfyUI's CLIP, MODEL and VAE; the unit tests implement it on tiny torch
 modules. Everything model-specific — tokenisation, which layer conditions the UNet, sigma versus timestep,
 ε- versus v-prediction — stays behind it, so a method and the loop are plain torch.
 """

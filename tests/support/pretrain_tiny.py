@@ -11,8 +11,8 @@ sys.path.insert(0, str(HERE.parent))
 import conftest  # noqa: E402,F401 — registers the package as concept_forge
 import tiny_comfy as tc  # noqa: E402
 import torch  # noqa: E402
-from concept_forge.nodes.comfy_host import ComfyHost  # noqa: E402
 from concept_forge.nodes.encoder_pretraining import distributed, train_on_folder  # noqa: E402
+from concept_forge.nodes.host import ComfyHost  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data", type=Path)

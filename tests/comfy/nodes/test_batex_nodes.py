@@ -7,7 +7,7 @@ from comfy_tier import require_comfyui, run_node
 tc = require_comfyui()
 
 from concept_forge.nodes.batex import BaTexOptions  # noqa: E402
-from concept_forge.nodes.comfy_host import ComfyHost  # noqa: E402
+from concept_forge.nodes.host import ComfyHost  # noqa: E402
 from concept_forge.trainers.loop import LoopOptions, TrainingSet, train  # noqa: E402
 from concept_forge.trainers.methods import batex  # noqa: E402
 from concept_forge.trainers.templates import OBJECT_TEMPLATES  # noqa: E402

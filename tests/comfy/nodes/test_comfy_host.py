@@ -7,7 +7,7 @@ from comfy_tier import require_comfyui
 tc = require_comfyui()
 
 from concept_forge.nodes.apply import apply_concepts  # noqa: E402
-from concept_forge.nodes.comfy_host import ComfyHost, detect_arch  # noqa: E402
+from concept_forge.nodes.host import ComfyHost, detect_arch  # noqa: E402
 from concept_forge.trainers.concept import Concept  # noqa: E402
 from concept_forge.trainers.loop import LoopOptions, TrainingSet, train  # noqa: E402
 from concept_forge.trainers.methods import init_vectors  # noqa: E402
@@ -179,7 +179,7 @@ def test_sdxl_adm_vector_equals_comfyuis_own_and_stays_on_the_device():
     model, clip, vae = models("sdxl")
     with torch.inference_mode(False), torch.enable_grad(), ComfyHost(model, clip, vae, "sdxl") as host:
         pooled = torch.randn(3, 48, generator=torch.Generator().manual_seed(0))
-        ours = host._adm(pooled, 64, 96)
+        ours = host.denoiser._adm(pooled, 64, 96)
         stock = host.model.model.encode_adm(pooled_output=pooled, width=96, height=64, crop_w=0, crop_h=0,
                                             target_width=96, target_height=64)
     assert torch.equal(ours, stock) and ours.device == pooled.device

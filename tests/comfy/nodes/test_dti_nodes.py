@@ -7,8 +7,8 @@ from comfy_tier import require_comfyui, run_node, ui_text
 
 tc = require_comfyui()
 
-from concept_forge.nodes.comfy_host import ComfyHost  # noqa: E402
 from concept_forge.nodes.dti import ApplyDTIToken, ConceptSlerp, DTIOptions  # noqa: E402
+from concept_forge.nodes.host import ComfyHost  # noqa: E402
 from concept_forge.nodes.learn import LearnConcept  # noqa: E402
 from concept_forge.trainers.concept import Concept  # noqa: E402
 from concept_forge.trainers.loop import LoopOptions, TrainingSet, train  # noqa: E402

@@ -114,7 +114,7 @@ def test_cancel_stops_within_a_step_writes_nothing_and_the_next_run_works(model_
 
 
 def test_a_nan_loss_stops_names_the_step_and_keeps_the_last_finite_concept(model_folders, monkeypatch):
-    from concept_forge.nodes.comfy_host import ComfyHost
+    from concept_forge.nodes.host import ComfyHost
 
     loss, calls = ComfyHost.loss, []
 
@@ -215,7 +215,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_training_and_returns_the_concept(mode
 
 
 def test_cancel_while_preparing_stops_before_the_first_step(model_folders, monkeypatch):
-    from concept_forge.nodes.comfy_host import ComfyHost
+    from concept_forge.nodes.host import ComfyHost
 
     seen, encoded = [], []
     monkeypatch.setattr(ComfyHost, "encode_images", lambda self, images: encoded.append(1))

@@ -8,8 +8,8 @@ tc = require_comfyui()
 
 import folder_paths  # noqa: E402
 from concept_forge.nodes.apply import apply_concepts  # noqa: E402
-from concept_forge.nodes.comfy_host import ComfyHost  # noqa: E402
 from concept_forge.nodes.files import SaveConcept  # noqa: E402
+from concept_forge.nodes.host import ComfyHost  # noqa: E402
 from concept_forge.nodes.tuning import FEATURE_TIMESTEP, TuningEncoderNode, model_with_offsets  # noqa: E402
 from concept_forge.trainers.loop import LoopOptions, TrainingSet, train  # noqa: E402
 from concept_forge.trainers.methods import tuning_encoder as tuning  # noqa: E402
