@@ -4,6 +4,7 @@ stays on the server so a reloaded page can redraw the curve (docs/COMFYUI.md §5
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any, Callable
@@ -20,12 +21,18 @@ log = logging.getLogger("concept_forge")
 LOSS_HISTORY: dict[str, dict[str, Any]] = {}
 
 
-def _server() -> Any:
+@functools.cache
+def _server_class() -> Any:
+    # cached: a failed import is retried from source every time, which cost a headless run 12 ms per step
     try:
         from server import PromptServer
     except ImportError:  # a library import of the pack (tests, scripts) has no server
         return None
-    return getattr(PromptServer, "instance", None)
+    return PromptServer
+
+
+def _server() -> Any:
+    return getattr(_server_class(), "instance", None)
 
 
 def register_routes() -> None:
