@@ -8,8 +8,8 @@ from typing import Any, Sequence
 
 from torch import Tensor
 
-from ..trainers.concept import ARCH_LABELS, Concept
-from .host import ENCODER_KEYS, clip_arch, describe_clip, tokenizer_with_lookup
+from ..trainers.concept import ARCH_LABELS, ENCODER_NAMES, Concept
+from .host import clip_arch, describe_clip, encoder_keys, tokenizer_with_lookup
 
 
 def check_concept_fits(concept: Concept, clip: Any, node: str) -> None:
@@ -20,9 +20,11 @@ def check_concept_fits(concept: Concept, clip: Any, node: str) -> None:
                          f"is {describe_clip(clip)}; load a matching checkpoint or relearn the concept.")
     widths = {k: int(table.shape[1]) for k, table in encoder_tables(clip).items()}
     for key, vectors in concept.vectors.items():
-        if vectors.shape[-1] != widths[key]:
-            raise ValueError(f"{node}: concept '{concept.name}' has {vectors.shape[-1]}-wide vectors for clip_{key} "
-                             f"but this CLIP's are {widths[key]}-wide; it belongs to another model.")
+        # an encoder this checkpoint lacks (SD 3.5 without T5) never sees its vectors, as with stock files
+        if key in widths and vectors.shape[-1] != widths[key]:
+            raise ValueError(f"{node}: concept '{concept.name}' has {vectors.shape[-1]}-wide vectors for "
+                             f"{ENCODER_NAMES[key]} but this CLIP's are {widths[key]}-wide; it belongs to another "
+                             "model.")
 
 
 def apply_concepts(clip: Any, concepts: Sequence[Concept], node: str) -> Any:
@@ -36,15 +38,14 @@ def apply_concepts(clip: Any, concepts: Sequence[Concept], node: str) -> Any:
 
     def lookup(key: str, name: str) -> Tensor | None:
         concept = table.get(name)
-        return None if concept is None else concept.vectors[key]
+        return None if concept is None else concept.vectors.get(key)
 
     applied = clip.clone()
-    applied.tokenizer = tokenizer_with_lookup(clip.tokenizer, ENCODER_KEYS[clip_arch(clip)], lookup)
+    applied.tokenizer = tokenizer_with_lookup(clip.tokenizer, encoder_keys(clip), lookup)
     return applied
 
 
 def encoder_tables(clip: Any) -> dict[str, Tensor]:
     """The token-embedding table [V, d] of each text encoder of a supported CLIP (read only)."""
     model = clip.cond_stage_model
-    return {k: getattr(model, f"clip_{k}").transformer.get_input_embeddings().weight
-            for k in ENCODER_KEYS[clip_arch(clip)]}
+    return {k: getattr(model, ENCODER_NAMES[k]).transformer.get_input_embeddings().weight for k in encoder_keys(clip)}

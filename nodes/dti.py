@@ -7,7 +7,7 @@ from typing import Any
 import torch.nn.functional as F
 from comfy_api.v0_0_2 import io, ui
 
-from ..trainers.concept import Concept, name_problem
+from ..trainers.concept import ENCODER_NAMES, Concept, name_problem
 from ..trainers.methods import dti
 from ..trainers.slerp import slerp_concepts
 from .apply import apply_concepts, check_concept_fits, encoder_tables
@@ -28,12 +28,15 @@ def prepared_for_clip(concept: Concept, clip: Any, strength: float, magnitude: s
     vectors, lines = {}, []
     tables = encoder_tables(clip)
     for key, v in concept.vectors.items():
+        if key not in tables:  # an encoder this checkpoint lacks (SD 3.5 without T5) never sees them
+            vectors[key] = v
+            continue
         m_star = dti.vocabulary_magnitude(tables[key], "mean")
         if magnitude == "in-distribution":
             v = F.normalize(v, dim=-1) * m_star
         vectors[key] = v * strength
         norms = ", ".join(f"{n:.3f}" for n in vectors[key].norm(dim=-1).tolist())
-        lines.append(f"clip_{key}: {len(v)} vector(s), norm {norms} (vocabulary mean {m_star:.3f})")
+        lines.append(f"{ENCODER_NAMES[key]}: {len(v)} vector(s), norm {norms} (vocabulary mean {m_star:.3f})")
     return Concept(concept.name, concept.method, concept.arch, vectors, concept.state, concept.tensors,
                    concept.provenance), "\n".join(lines)
 

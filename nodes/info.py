@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from comfy_api.v0_0_2 import io, ui
 
-from ..trainers.concept import ARCH_LABELS, Concept
+from ..trainers.concept import ARCH_LABELS, ENCODER_NAMES, Concept
 from .apply import encoder_tables
 from .host import clip_arch, describe_clip
 from .types import CATEGORY, ConceptIO
@@ -30,11 +30,13 @@ def vocabulary_lines(concept: Concept, clip: Any) -> list[str]:
     lines = []
     tables = encoder_tables(clip)
     for key, vectors in concept.vectors.items():
+        if key not in tables:  # an encoder this checkpoint lacks
+            continue
         table = tables[key].float()
         norms = table.norm(dim=-1)
         norms = norms[norms > 0]
-        tokenizer = getattr(clip.tokenizer, f"clip_{key}")
-        lines.append(f"clip_{key}: vocabulary norms mean {norms.mean():.3f} (min {norms.min():.3f}, "
+        tokenizer = getattr(clip.tokenizer, ENCODER_NAMES[key])
+        lines.append(f"{ENCODER_NAMES[key]}: vocabulary norms mean {norms.mean():.3f} (min {norms.min():.3f}, "
                      f"max {norms.max():.3f})")
         similarity = F.normalize(vectors.to(table), dim=-1) @ F.normalize(table, dim=-1).T        # [n, V]
         for i, (vector, row) in enumerate(zip(vectors, similarity, strict=True), start=1):
@@ -51,7 +53,7 @@ def vocabulary_lines(concept: Concept, clip: Any) -> list[str]:
 def state_lines(concept: Concept, clip: Any | None) -> list[str]:
     s = concept.state
     if concept.method == "dti":
-        shells = ", ".join(f"{m:.3f} (clip_{k})" for k, m in s["magnitude"].items())
+        shells = ", ".join(f"{m:.3f} ({ENCODER_NAMES[k]})" for k, m in s["magnitude"].items())
         return [f"DTI: length m* = {shells}, magnitude {s.get('magnitude_mode')}, κ = {s.get('kappa')}"]
     if concept.method == "catversion":
         layers = ", ".join(f"clip_{k} layers {min(v)}–{max(v)}" for k, v in s["layers"].items())
@@ -59,27 +61,27 @@ def state_lines(concept: Concept, clip: Any | None) -> list[str]:
                 f"'{s['class_word']}'"]
     if concept.method == "batex":
         lines = [f"BaTex: basis ranked by {s['ranking']}, rank(B) "
-                 + ", ".join(f"{'/'.join(map(str, r))} (clip_{k})" for k, r in s["rank"].items())]
+                 + ", ".join(f"{'/'.join(map(str, r))} ({ENCODER_NAMES[k]})" for k, r in s["rank"].items())]
         for key, bases in s["bases"].items():
-            tokenizer = getattr(clip.tokenizer, f"clip_{key}") if clip is not None else None
+            tokenizer = getattr(clip.tokenizer, ENCODER_NAMES[key]) if clip is not None else None
             for i, basis in enumerate(bases, start=1):
                 w = torch.tensor(basis["w"])
                 top = w.abs().topk(min(NEAREST, len(w))).indices.tolist()
                 words = ", ".join(f"{token_text(tokenizer, basis['ids'][j]) if tokenizer else basis['ids'][j]} "
                                   f"({float(w[j]):+.3f})" for j in top)
-                lines.append(f"  clip_{key} vector {i}: M = {len(w)}, largest weights: {words}")
+                lines.append(f"  {ENCODER_NAMES[key]} vector {i}: M = {len(w)}, largest weights: {words}")
         return lines
     return []
 
 
 def describe(concept: Concept, clip: Any | None) -> str:
     what = "residual keys and values" if concept.method == "catversion" else \
-        f"{concept.num_vectors} vector(s) per encoder ({', '.join('clip_' + k for k in concept.vectors)})"
+        f"{concept.num_vectors} vector(s) per encoder ({', '.join(ENCODER_NAMES[k] for k in concept.vectors)})"
     lines = [f"{concept.name}: {concept.method.upper()} concept for {ARCH_LABELS[concept.arch]}, {what}."]
     if clip is not None and concept.vectors:
         widths = {k: int(t.shape[1]) for k, t in encoder_tables(clip).items()}
-        other = [f"clip_{k} {v.shape[-1]}-wide, this CLIP's {widths.get(k)}" for k, v in concept.vectors.items()
-                 if widths.get(k) != v.shape[-1]]
+        other = [f"{ENCODER_NAMES[k]} {v.shape[-1]}-wide, this CLIP's {widths.get(k)}"
+                 for k, v in concept.vectors.items() if k in widths and widths[k] != v.shape[-1]]
         if clip_arch(clip) != concept.arch:
             lines.append(f"(This CLIP is {describe_clip(clip)}, so the vocabulary comparison is skipped.)")
         elif other:

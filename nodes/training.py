@@ -11,7 +11,7 @@ import comfy.model_management as mm
 import torch
 
 from ..trainers.checkpoint import TrainState, load_state, save_state
-from ..trainers.concept import Arch, Concept, name_problem
+from ..trainers.concept import ARCH_LABELS, Arch, Concept, name_problem
 from ..trainers.data import prepare_images, prepare_masks
 from ..trainers.files import save_concept
 from ..trainers.loop import (
@@ -25,12 +25,13 @@ from ..trainers.loop import (
 )
 from ..trainers.methods import Method, create_method, method_options, method_prompts
 from ..trainers.templates import training_prompts
-from .host import ComfyHost, detect_arch
+from .host import SD_ONLY, ComfyHost, detect_arch
 from .paths import STATE_FILE, checkpoint_dir, display_path, recovery_path
 from .progress import NodeProgress
 from .provenance import provenance
 
 NODE = "Learn Concept"
+UNET_METHODS = {"catversion": "CatVersion", "tuning_encoder": "The Tuning Encoder"}
 HELDOUT_DRAWS = 4  # fixed (noise, timestep) pairs per image for the before/after loss in the summary
 log = logging.getLogger("concept_forge")
 
@@ -67,8 +68,8 @@ class LearnSettings:
 
 
 def native_resolution(arch: Arch, v_prediction: bool) -> int:
-    """SD 1.x trains at 512, SD 2.x at 768 (v-prediction) or 512 (base), SDXL at 1024."""
-    if arch == "sdxl":
+    """SD 1.x trains at 512, SD 2.x at 768 (v-prediction) or 512 (base), SDXL and SD 3.5 at 1024."""
+    if arch in ("sdxl", "sd3"):
         return 1024
     return 768 if arch == "sd2" and v_prediction else 512
 
@@ -101,6 +102,9 @@ def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor | Sequence[torch
     if vae is None:
         raise ValueError(f"{node}: the VAE input is empty; connect the VAE output of Load Checkpoint.")
     arch = detect_arch(model, clip, node)
+    if s.method in UNET_METHODS and arch not in SD_ONLY:
+        raise ValueError(f"{node}: {UNET_METHODS[s.method]} learns on SD 1.x, SD 2.x and SDXL only (it patches their "
+                         f"CLIP layers and UNet); for {ARCH_LABELS[arch]} choose ti, dti or batex.")
     try:
         options = method_options(s.method, s.method_options)
     except ValueError as e:

@@ -1,7 +1,8 @@
 """Concept files (docs/DESIGN.md, "The concept value and its files").
 
 Token concepts (TI, DTI, BaTex) are written in the layout every embedding loader reads: SD 1.x/2.x a single
-tensor `emb_params` [n, d]; SDXL exactly `clip_l` [n, 768] and `clip_g` [n, 1280]. Everything else a concept
+tensor `emb_params` [n, d]; SDXL exactly `clip_l` [n, 768] and `clip_g` [n, 1280]; SD 3.5 those and `t5xxl`
+[n, 4096] (the keys ComfyUI's SD3 tokenizers read). Everything else a concept
 carries (method, state, provenance) is JSON in the safetensors metadata under `concept_forge`, so the same file
 works with stock `embedding:<name>`, A1111 and kohya, and round-trips to a full Concept here. Any third-party
 embedding reads as a TI concept. Files are written atomically; pickles are never written, and `.pt` files are
@@ -21,7 +22,16 @@ from safetensors import safe_open
 from torch import Tensor
 
 from .atomic import write_safetensors
-from .concept import ARCH_ENCODERS, ARCH_LABELS, Arch, Concept, arch_for_width, cpu_float
+from .concept import (
+    ARCH_ENCODERS,
+    ARCH_LABELS,
+    ENCODER_NAMES,
+    MULTI_ENCODER_ARCHS,
+    Arch,
+    Concept,
+    arch_for_width,
+    cpu_float,
+)
 from .methods.catversion import tensor_key
 
 METADATA_KEY = "concept_forge"
@@ -34,7 +44,6 @@ METHOD_STATE: dict[str, tuple[str, ...]] = {"ti": (), "dti": ("magnitude",), "ba
                                             "catversion": ("layers", "class_word", "mask_bias"),
                                             "tuning_encoder": ()}
 FORMAT_VERSION = 1
-FILE_KEYS = {"l": "clip_l", "g": "clip_g", "h": "clip_h"}
 EXTENSIONS = (".safetensors", ".pt", ".bin")
 
 
@@ -42,8 +51,8 @@ def file_tensors(concept: Concept) -> dict[str, Tensor]:
     """The tensors of a concept's file: the stock embedding layout first, then any method tensors."""
     out: dict[str, Tensor] = {}
     if concept.vectors:
-        if concept.arch == "sdxl":
-            out = {FILE_KEYS[k]: v for k, v in concept.vectors.items()}
+        if concept.arch in MULTI_ENCODER_ARCHS:
+            out = {ENCODER_NAMES[k]: v for k, v in concept.vectors.items()}
         else:
             (vectors,) = concept.vectors.values()
             out = {"emb_params": vectors}
@@ -173,7 +182,7 @@ def check_concept(concept: Concept) -> None:
     matrix per encoder of that model with one n; here its values are checked: dense, finite, 1 to MAX_VECTORS
     vectors of sane length, and the state its method needs."""
     for key, v in concept.vectors.items():
-        label = f"the {FILE_KEYS.get(key, key)} vectors"
+        label = f"the {ENCODER_NAMES.get(key, key)} vectors"
         _check_tensor(v, label)
         if not 1 <= v.shape[0] <= MAX_VECTORS:
             raise ValueError(f"{label} have shape {tuple(v.shape)}; a prompt holds 1 to {MAX_VECTORS} vectors.")
@@ -229,8 +238,8 @@ def _concept_from_record(text: str, content: Mapping[str, Tensor], name: str | N
     arch: Arch = record["arch"]
     keys = ARCH_ENCODERS[arch]
     vectors: dict[str, Tensor]
-    if arch == "sdxl":
-        vectors = {k: cpu_float(content[FILE_KEYS[k]]) for k in keys if FILE_KEYS[k] in content}
+    if arch in MULTI_ENCODER_ARCHS:
+        vectors = {k: cpu_float(content[ENCODER_NAMES[k]]) for k in keys if ENCODER_NAMES[k] in content}
     else:
         vectors = {keys[0]: cpu_float(content["emb_params"])} if "emb_params" in content else {}
     tensors = {k: cpu_float(content[k]) for k in record.get("tensor_keys", [])}
@@ -259,8 +268,9 @@ def _record_problem(record: Any, content: Mapping[str, Tensor]) -> str | None:
 def parse_embedding(content: Any, label: str) -> tuple[Arch, dict[str, Tensor], dict[str, Any]]:
     """Find the token vectors in a third-party embedding, in the order ComfyUI's own loader looks.
 
-    Understands A1111 `.pt` (`string_to_param`), kohya/diffusers (`emb_params`, `{token: tensor}`) and SDXL
-    (`clip_l` + `clip_g`). Returns the architecture, the vectors per encoder and what provenance the file carries.
+    Understands A1111 `.pt` (`string_to_param`), kohya/diffusers (`emb_params`, `{token: tensor}`), SDXL
+    (`clip_l` + `clip_g`) and SD 3.5 (those + `t5xxl`). Returns the architecture, the vectors per encoder and what
+    provenance the file carries.
     """
     if isinstance(content, Mapping) and "string_to_param" in content:
         params = content["string_to_param"]
@@ -273,7 +283,8 @@ def parse_embedding(content: Any, label: str) -> tuple[Arch, dict[str, Tensor], 
         raise ValueError(f"{label}: expected a dict of tensors, got {type(content).__name__}.")
     tensors = {k: v for k, v in content.items() if isinstance(v, Tensor)}
     if "clip_l" in tensors and "clip_g" in tensors:
-        return "sdxl", {"l": _as_matrix(tensors["clip_l"], label), "g": _as_matrix(tensors["clip_g"], label)}, {}
+        arch: Arch = "sd3" if "t5xxl" in tensors else "sdxl"
+        return arch, {k: _as_matrix(tensors[ENCODER_NAMES[k]], label) for k in ARCH_ENCODERS[arch]}, {}
     for key in ("clip_h", "emb_params", "clip_l"):
         if key in tensors:
             return (*_single_encoder(_as_matrix(tensors[key], label), label), {})

@@ -1,5 +1,6 @@
 """The ComfyUI host adapter: `trainers.host.Host` on ComfyUI's CLIP, MODEL and VAE, made of a text side
-(`clip_text.ClipText`) and a denoiser side (`unet.DiscreteUNet`) that this class loads, unloads and joins.
+(`text_side.TextSide`) and a denoiser side (`unet.DiscreteUNet` for the UNet families, `flow.FlowDiT` for the
+flow-matching ones) that this class loads, unloads and joins.
 
 Every pitfall of training inside ComfyUI (docs/COMFYUI.md §10) is handled in this package and nowhere else:
 - the caller trains inside `torch.inference_mode(False)` and `torch.enable_grad()` (§10.1);
@@ -15,11 +16,13 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Sequence
 
 import comfy.model_management as mm
+import comfy.model_sampling
 import torch
 from torch import Tensor
 
 from ...trainers.concept import Arch
-from .clip_text import ClipText, ComfyCond
+from .flow import FlowDiT
+from .text_side import ComfyCond, TextSide
 from .unet import DiscreteUNet
 
 PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,8 +64,10 @@ class ComfyHost:
         self.clip = clip.clone()
         self.device = self.model.load_device
         self.clip.patcher.load_device = self.device  # the text encoder trains beside the UNet
-        self.denoiser = DiscreteUNet(self.model, PRECISIONS[precision], gradient_checkpointing)
-        self.text = ClipText(self.clip, arch)
+        flow = isinstance(self.model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+        side = FlowDiT if flow else DiscreteUNet
+        self.denoiser: FlowDiT | DiscreteUNet = side(self.model, PRECISIONS[precision], gradient_checkpointing)
+        self.text = TextSide(self.clip, arch)
         self.num_timesteps = self.denoiser.num_timesteps
         self.v_prediction = self.denoiser.v_prediction
         self.encoders = self.text.encoders
@@ -140,7 +145,7 @@ class ComfyHost:
                 with self.denoiser.without_offsets():
                     reference_denoised = self.denoiser.predict(latents, reference, noise, timesteps)[2]
             denoised = blend * denoised + (1 - blend) * reference_denoised
-        return self.denoiser.loss(noisy, sigma, denoised, noise, mask)
+        return self.denoiser.loss(latents, noisy, sigma, denoised, noise, mask)
 
     # -- images -------------------------------------------------------------------------------------------------
     def image_features(self, images: Tensor) -> Tensor:

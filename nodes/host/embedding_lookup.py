@@ -8,6 +8,8 @@ from typing import Any, Callable, Sequence
 
 from torch import Tensor
 
+from ...trainers.concept import ENCODER_NAMES
+
 Lookup = Callable[[str, str], "Tensor | None"]  # (encoder key, embedding name) → [n, d] vectors or None
 TryGet = Callable[[str], tuple[Any, str]]  # SDTokenizer._try_get_embedding: name → (vectors or None, leftover)
 
@@ -21,11 +23,11 @@ def tokenizer_with_lookup(tokenizer: Any, keys: Sequence[str], lookup: Lookup) -
     """
     tokenizer = copy.copy(tokenizer)
     for key in keys:
-        sub = copy.copy(getattr(tokenizer, f"clip_{key}"))
+        sub = copy.copy(getattr(tokenizer, ENCODER_NAMES[key]))
         sub._try_get_embedding = _lookup_first(key, lookup, sub._try_get_embedding)
         if sub.embedding_directory is None:  # ComfyUI only parses "embedding:" when a folder list exists
             sub.embedding_directory = []
-        setattr(tokenizer, f"clip_{key}", sub)
+        setattr(tokenizer, ENCODER_NAMES[key], sub)
     return tokenizer
 
 

@@ -4,20 +4,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...trainers.concept import ARCH_LABELS, Arch
+from ...trainers.concept import ARCH_ENCODERS, ARCH_LABELS, ENCODER_NAMES, Arch
 
-CLIP_ARCHS: dict[str, Arch] = {"SD1ClipModel": "sd1", "SD2ClipModel": "sd2", "SDXLClipModel": "sdxl"}
+# ComfyUI's classes by name (a class or any of its bases: sd3_clip() subclasses SD3ClipModel per checkpoint)
+CLIP_ARCHS: dict[str, Arch] = {"SD1ClipModel": "sd1", "SD2ClipModel": "sd2", "SDXLClipModel": "sdxl",
+                               "SD3ClipModel": "sd3"}
 MODEL_ARCHS: dict[str, Arch] = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
-                                "KOALA_700M": "sdxl", "KOALA_1B": "sdxl"}  # the distilled SDXLs share its CLIP
-ENCODER_KEYS: dict[Arch, tuple[str, ...]] = {"sd1": ("l",), "sd2": ("h",), "sdxl": ("l", "g")}
+                                "KOALA_700M": "sdxl", "KOALA_1B": "sdxl",  # the distilled SDXLs share its CLIP
+                                "SD3": "sd3"}
+SUPPORTED = "SD 1.x, SD 2.x, SDXL and SD 3.5"
+SD_ONLY: tuple[Arch, ...] = ("sd1", "sd2", "sdxl")  # CatVersion and the Tuning Encoder patch a UNet's CLIP and UNet
+
+
+def _by_class(table: dict[str, Arch], obj: Any) -> Arch | None:
+    return next((table[c.__name__] for c in type(obj).__mro__ if c.__name__ in table), None)
 
 
 def clip_arch(clip: Any) -> Arch | None:
-    return CLIP_ARCHS.get(type(clip.cond_stage_model).__name__)
+    return _by_class(CLIP_ARCHS, clip.cond_stage_model)
 
 
 def model_arch(model: Any) -> Arch | None:
-    return MODEL_ARCHS.get(type(model.model.model_config).__name__)
+    return _by_class(MODEL_ARCHS, model.model.model_config)
+
+
+def encoder_keys(clip: Any) -> tuple[str, ...]:
+    """The text encoders this CLIP has, in ComfyUI's order (an SD 3.5 checkpoint may come without some)."""
+    arch = clip_arch(clip)
+    if arch is None:
+        return ()
+    return tuple(k for k in ARCH_ENCODERS[arch] if getattr(clip.cond_stage_model, ENCODER_NAMES[k], None) is not None)
 
 
 def describe_clip(clip: Any) -> str:
@@ -31,7 +47,7 @@ def detect_arch(model: Any, clip: Any, node: str) -> Arch:
         raise ValueError(f"{node}: the {'CLIP' if clip is None else 'MODEL'} input is empty; connect the outputs "
                          "of Load Checkpoint.")
     c_arch, m_arch = clip_arch(clip), model_arch(model)
-    supported = "SD 1.x, SD 2.x and SDXL"
+    supported = SUPPORTED
     if c_arch is None:
         raise ValueError(f"{node}: this CLIP ({type(clip.cond_stage_model).__name__}) is not supported; Concept "
                          f"Forge trains {supported} checkpoints.")

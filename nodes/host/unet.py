@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .clip_text import ComfyCond
+from .text_side import ComfyCond
 from .weight_offsets import LoraDelta, Offsets, attention_targets
 
 
@@ -94,7 +94,7 @@ class DiscreteUNet:
                                                 transformer_options=options, **extra)
         return noisy, sigma, denoised
 
-    def loss(self, noisy: Tensor, sigma: Tensor, denoised: Tensor, noise: Tensor,
+    def loss(self, latents: Tensor, noisy: Tensor, sigma: Tensor, denoised: Tensor, noise: Tensor,
              mask: Tensor | None = None) -> Tensor:
         """Per-sample ε loss (v loss for v-prediction models) from an x0 prediction."""
         eps = (noisy - denoised) / sigma.view(-1, 1, 1, 1)

@@ -30,6 +30,7 @@ import comfy.sdxl_clip  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import comfy.supported_models_base  # noqa: E402
 import comfy.text_encoders.sd2_clip  # noqa: E402
+import comfy.text_encoders.sd3_clip  # noqa: E402
 import folder_paths  # noqa: E402
 
 TE_L = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=3, projection_dim=32)
@@ -42,7 +43,18 @@ CLIPS = {
     "sdxl": (comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel,
              {"clip_l_model_config": TE_L, "clip_g_model_config": TE_G}),
 }
+# SD 3.5's T5 must keep T5-XXL's width and vocabulary (SD3ClipModel pads CLIP to 4096 and joins T5's tokens); only
+# its depth and heads shrink. The table alone is 32128 × 4096 floats (0.5 GB).
+T5 = dict(d_ff=32, d_kv=8, num_heads=2, num_layers=2)
+CLIPS["sd3"] = (comfy.text_encoders.sd3_clip.SD3Tokenizer, comfy.text_encoders.sd3_clip.sd3_clip(),
+                {"clip_l_model_config": TE_L, "clip_g_model_config": TE_G, "t5xxl_model_config": T5})
 CONTEXT = {"sd1": 32, "sd2": 40, "sdxl": 32 + 48}
+# MMDiT: hidden 64·depth with `depth` heads, context from T5's 4096; y = [CLIP-L pooled (32) | CLIP-G pooled (48)]
+SD3_DIT = dict(in_channels=16, out_channels=16, pos_embed_scaling_factor=None, patch_size=2, depth=2, input_size=None,
+               adm_in_channels=32 + 48, num_patches=64, pos_embed_max_size=8, qk_norm="rms",
+               x_block_self_attn_layers=[],
+               context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096,
+                                                                                 "out_features": 128}})
 
 
 def initialise(module: torch.nn.Module, seed: int, table_std: float = 0.1) -> None:
@@ -60,6 +72,9 @@ def initialise(module: torch.nn.Module, seed: int, table_std: float = 0.1) -> No
             else:
                 value = torch.zeros(p.shape)
             p.copy_(value.to(p.dtype))
+        for name, b in module.named_buffers():
+            if name.endswith("pos_embed"):  # MMDiT's, made with torch.empty and not a parameter
+                b.copy_(torch.randn(b.shape, generator=g).to(b.dtype) * 0.02)
 
 
 def tiny_clip(arch: str = "sd1", embedding_directory: str | None = None, dtype: torch.dtype = torch.float32,
@@ -74,6 +89,8 @@ def tiny_clip(arch: str = "sd1", embedding_directory: str | None = None, dtype: 
 
 
 def tiny_model(arch: str = "sd1", v_prediction: bool = False, seed: int = 1):
+    if arch == "sd3":
+        return tiny_sd3_model(seed)
     unet = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=32,
                 num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_middle=1,
                 transformer_depth_output=[1, 1, 1, 1], context_dim=CONTEXT[arch], use_spatial_transformer=True,
@@ -96,13 +113,27 @@ def tiny_model(arch: str = "sd1", v_prediction: bool = False, seed: int = 1):
                                             offload_device=mm.unet_offload_device())
 
 
-def tiny_vae(seed: int = 2):
-    ddconfig = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1, 1, 1],
-                    num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+def tiny_sd3_model(seed: int = 1):
+    """An MMDiT in ComfyUI's SD3 model class (flow matching, shift 3), as load_diffusion_model builds it."""
+    config = comfy.supported_models.SD3(dict(SD3_DIT))
+    config.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode():
+        base = config.get_model({})
+        initialise(base, seed)
+        # make the text matter (as the UNet's attn2 above): 4096 inputs would otherwise shrink its weights to nothing
+        base.diffusion_model.context_embedder.weight.mul_(16)
+        base.diffusion_model.y_embedder.mlp[0].weight.mul_(4)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def tiny_vae(seed: int = 2, latent_channels: int = 4):
+    ddconfig = dict(double_z=True, z_channels=latent_channels, resolution=64, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
     logging.disable(logging.WARNING)  # an empty state dict makes ComfyUI list every key as missing
     try:
         with torch.inference_mode():
-            vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": 4, "ddconfig": ddconfig}})
+            vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": latent_channels, "ddconfig": ddconfig}})
     finally:
         logging.disable(logging.NOTSET)
     with torch.inference_mode():

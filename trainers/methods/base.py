@@ -43,7 +43,8 @@ def init_vectors(host: Host, init_word: str, num_vectors: int = 0) -> dict[str, 
     """Initial token vectors from the init word's vocabulary rows, per text encoder.
 
     A word that tokenises into k tokens gives k vectors, each from its token (docs/METHODS.md §3a); `num_vectors`
-    > k repeats them in order. The raw token rows are used, not the position-shifted embeddings (§2b quirk).
+    > k repeats them in order; encoders whose tokenizers split the word differently all get the longest count.
+    The raw token rows are used, not the position-shifted embeddings (§2b quirk).
 
     Args:
         host (`Host`): the model.
@@ -53,19 +54,22 @@ def init_vectors(host: Host, init_word: str, num_vectors: int = 0) -> dict[str, 
     word = init_word.strip()
     if not word:
         raise ValueError("init_word is empty; give a word close to the concept, such as 'dog' or 'painting'.")
+    ids = {key: host.token_ids(key, word) for key in host.encoders}
+    longest = max(len(i) for i in ids.values())
+    if not all(ids.values()):
+        raise ValueError(f"init_word {word!r} produces no tokens; use an ordinary word.")
+    if longest > MAX_INIT_TOKENS:
+        raise ValueError(f"init_word {word[:40]!r}... splits into {longest} tokens, one vector each; use a word "
+                         f"or short phrase of at most {MAX_INIT_TOKENS} tokens.")
+    if num_vectors and num_vectors < longest:
+        raise ValueError(f"init_word {word!r} splits into {longest} tokens but only {num_vectors} vectors "
+                         f"were asked for; set vectors to 0 (one per token) or at least {longest}.")
+    # every encoder gets the same count (a prompt's slot holds n tokens); a tokenizer that splits the word into
+    # fewer tokens than another (T5 beside CLIP) repeats them in order
+    n = num_vectors or longest
     out = {}
-    for key in host.encoders:
-        ids = host.token_ids(key, word)
-        if not ids:
-            raise ValueError(f"init_word {word!r} produces no tokens; use an ordinary word.")
-        if len(ids) > MAX_INIT_TOKENS:
-            raise ValueError(f"init_word {word[:40]!r}... splits into {len(ids)} tokens, one vector each; use a word "
-                             f"or short phrase of at most {MAX_INIT_TOKENS} tokens.")
-        if num_vectors and num_vectors < len(ids):
-            raise ValueError(f"init_word {word!r} splits into {len(ids)} tokens but only {num_vectors} vectors "
-                             f"were asked for; set vectors to 0 (one per token) or at least {len(ids)}.")
-        n = num_vectors or len(ids)
-        rows = torch.tensor([ids[i % len(ids)] for i in range(n)])
+    for key, key_ids in ids.items():
+        rows = torch.tensor([key_ids[i % len(key_ids)] for i in range(n)])
         table = host.vocabulary(key)
         out[key] = table[rows.to(table.device)].to(host.device, torch.float32)  # [n, d]
     return out

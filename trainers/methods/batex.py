@@ -26,7 +26,7 @@ from typing import Any, Literal, Mapping, Sequence, get_args
 import torch
 from torch import Tensor
 
-from ..concept import Arch, Concept, Method, cpu_float
+from ..concept import ENCODER_NAMES, Arch, Concept, Method, cpu_float
 from ..host import Host
 from .base import init_vectors
 
@@ -246,7 +246,7 @@ class BasisTextualInversion:
     def report(self) -> list[str]:
         o = self.options
         return [f"Basis: M = {'/'.join(str(len(i)) for i in self.ids[k])} rows ranked by {o.ranking}, rank(B) = "
-                f"{'/'.join(str(r) for r in ranks)} (clip_{k})" for k, ranks in self.ranks.items()]
+                f"{'/'.join(str(r) for r in ranks)} ({ENCODER_NAMES[k]})" for k, ranks in self.ranks.items()]
 
     def to_concept(self, name: str, arch: Arch, provenance: Mapping[str, Any]) -> Concept:
         o = self.options
@@ -259,10 +259,10 @@ class BasisTextualInversion:
                        vectors={k: cpu_float(v) for k, v in self.vectors().items()})
 
 
-def _init_ids(host: Host, key: str, word: str, num_vectors: int) -> list[int]:
-    """The token id each vector starts from, in the order `init_vectors` uses (tokens repeated in turn)."""
+def _init_ids(host: Host, key: str, word: str, count: int) -> list[int]:
+    """The token id each of `count` vectors starts from, in the order `init_vectors` uses (tokens in turn)."""
     ids = host.token_ids(key, word)
-    return [ids[i % len(ids)] for i in range(num_vectors or len(ids))]
+    return [ids[i % len(ids)] for i in range(count)]
 
 
 def _second_id(host: Host, key: str, word: str) -> int | None:
@@ -276,7 +276,8 @@ def _second_id(host: Host, key: str, word: str) -> int | None:
 
 def build(host: Host, init_word: str, num_vectors: int, options: Options, seed: int = 0) -> BasisTextualInversion:
     """BaTex starts one-hot on the init word's row; only the `random` ranking draws, from `options.seed`."""
-    init_vectors(host, init_word, num_vectors)  # the init word's checks and messages, shared with TI and DTI
+    # the init word's checks and messages, and the vector count, shared with TI and DTI
+    count = next(iter(init_vectors(host, init_word, num_vectors).values())).shape[0]
     word, second = init_word.strip(), options.second_token.strip()
     generator = torch.Generator().manual_seed(options.seed)  # one stream across encoders and vectors, in order
     bases: dict[str, list[Tensor]] = {}
@@ -284,8 +285,7 @@ def build(host: Host, init_word: str, num_vectors: int, options: Options, seed: 
     for key in host.encoders:
         table = host.vocabulary(key)
         second_id = _second_id(host, key, second)
-        ids[key] = [select_basis(table, i, options, generator, second_id) for i in _init_ids(host, key, word,
-                                                                                                 num_vectors)]
+        ids[key] = [select_basis(table, i, options, generator, second_id) for i in _init_ids(host, key, word, count)]
         # a detached copy: the table may be an inference tensor, which autograd cannot save for the backward pass
         bases[key] = [table[rows.to(table.device)].detach().to(host.device, torch.float32).clone()
                       for rows in ids[key]]

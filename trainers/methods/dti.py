@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..concept import Arch, Concept, Method, cpu_float
+from ..concept import ENCODER_NAMES, Arch, Concept, Method, cpu_float
 from ..host import Host
 from .base import init_vectors
 
@@ -133,7 +133,7 @@ class DirectionalTextualInversion:
         return SphericalSGD(groups, lr=learning_rate, kappa=o.kappa, beta=o.beta)
 
     def report(self) -> list[str]:
-        shells = ", ".join(f"{m:.3f} (clip_{k})" for k, m in self.magnitudes().items())
+        shells = ", ".join(f"{m:.3f} ({ENCODER_NAMES[k]})" for k, m in self.magnitudes().items())
         return [f"Vector length held at the vocabulary's norm m* = {shells}."]
 
     def to_concept(self, name: str, arch: Arch, provenance: Mapping[str, Any]) -> Concept:

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from ..concept import Arch, Concept, Method, cpu_float
+from ..concept import ENCODER_NAMES, Arch, Concept, Method, cpu_float
 from ..host import Host
 from .base import init_vectors
 
@@ -45,7 +45,7 @@ class TextualInversion:
         return torch.optim.AdamW(self.parameters(), lr=learning_rate, weight_decay=self.options.weight_decay)
 
     def report(self) -> list[str]:
-        norms = ", ".join(f"{float(n):.3f} (clip_{k})" for k, v in self._vectors.items()
+        norms = ", ".join(f"{float(n):.3f} ({ENCODER_NAMES[k]})" for k, v in self._vectors.items()
                           for n in v.detach().norm(dim=-1))
         return [f"Vector norms: {norms}."]
 

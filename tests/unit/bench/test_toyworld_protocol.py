@@ -93,3 +93,12 @@ def test_paired_differences_use_only_the_cells_both_rows_have():
     ti = _cells("TI", [4, 16])
     cat = _cells("CatVersion", [4, 16, 30], seeds=(0,))
     assert report.paired(ti + cat, "CatVersion", "TI", "identity") == (0.0, 0.0)
+
+
+def test_the_readme_quality_table_is_the_one_the_results_give():
+    import json
+
+    root = Path(__file__).resolve().parents[3]
+    cells = json.loads((root / "bench" / "results" / "toyworld.json").read_text())["cells"]
+    expected = report.table(report.summarise(cells), report.judge_claims(cells))
+    assert expected in (root / "README.md").read_text()
