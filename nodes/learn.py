@@ -69,8 +69,8 @@ class LearnConcept(io.ComfyNode):
             description="Learns a concept (a new word) from a few images with the checkpoint in the graph.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL of the checkpoint to learn on (SD 1.x, SD 2.x, SDXL or "
-                               "SD 3.5; on SD 3.5 ti, dti and batex learn a vector for each of its text encoders, "
-                               "CLIP-L, CLIP-G and T5-XXL)."),
+                               "SD 3.5 or Flux.1; there ti, dti and batex learn vectors for each text encoder: "
+                               "CLIP-L, CLIP-G and T5-XXL, or CLIP-L and T5-XXL)."),
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
                 io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; each image is encoded once."),
                 io.Image.Input("images", tooltip="3–5 images of the concept. Each is resized so its shorter side "
@@ -87,7 +87,7 @@ class LearnConcept(io.ComfyNode):
                                "weights trained (Du et al. 2024). catversion: "
                                "residual keys and values in the text encoder's last layers, prompted by the class "
                                "word given as init_word (Zhao et al. 2023); SD 2.x and SDXL are experimental, "
-                               "SD 3.5 is not supported."),
+                               "SD 3.5 and Flux.1 are not supported."),
                 io.Int.Input("steps", default=0, min=0, max=100000, tooltip="Optimizer steps. 0 uses the method's "
                              "default: TI 3000, DTI 400, BaTex 1000, CatVersion 1000."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=0.0001, tooltip="Per-sample "

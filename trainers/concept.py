@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 Method = Literal["ti", "dti", "batex", "catversion", "tuning_encoder"]
-Arch = Literal["sd1", "sd2", "sdxl", "sd3"]
+Arch = Literal["sd1", "sd2", "sdxl", "sd3", "flux"]
 EncoderKey = Literal["l", "g", "h", "t5xxl"]
 
 METHODS: tuple[Method, ...] = get_args(Method)
@@ -19,13 +19,13 @@ TOKEN_METHODS: tuple[Method, ...] = ("ti", "dti", "batex")  # saved as stock emb
 
 # The text encoders each architecture conditions on, in ComfyUI's order, and their real widths.
 ARCH_ENCODERS: dict[Arch, tuple[EncoderKey, ...]] = {"sd1": ("l",), "sd2": ("h",), "sdxl": ("l", "g"),
-                                                     "sd3": ("l", "g", "t5xxl")}
+                                                     "sd3": ("l", "g", "t5xxl"), "flux": ("l", "t5xxl")}
 ENCODER_WIDTHS: dict[EncoderKey, int] = {"l": 768, "h": 1024, "g": 1280, "t5xxl": 4096}
 # each encoder's name in ComfyUI: its attribute on the CLIP model and tokenizer, and the key of its vectors in a
 # multi-encoder embedding file that ComfyUI's tokenizer reads (`embedding_key`)
 ENCODER_NAMES: dict[str, str] = {"l": "clip_l", "g": "clip_g", "h": "clip_h", "t5xxl": "t5xxl"}
-ARCH_LABELS: dict[Arch, str] = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3.5"}
-MULTI_ENCODER_ARCHS: tuple[Arch, ...] = ("sdxl", "sd3")  # files keyed per encoder, not one `emb_params`
+ARCH_LABELS: dict[Arch, str] = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3.5", "flux": "Flux.1"}
+MULTI_ENCODER_ARCHS: tuple[Arch, ...] = ("sdxl", "sd3", "flux")  # files keyed per encoder, not one `emb_params`
 
 # A name must survive both a file name and ComfyUI's prompt parser: "embedding:<name>" ends at whitespace,
 # loses a trailing comma, and parentheses or colons are weight syntax.

@@ -66,7 +66,7 @@ class ComfyHost:
         self.clip.patcher.load_device = self.device  # the text encoder trains beside the UNet
         flow = isinstance(self.model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
         side = FlowDiT if flow else DiscreteUNet
-        self.denoiser: FlowDiT | DiscreteUNet = side(self.model, PRECISIONS[precision], gradient_checkpointing)
+        self.denoiser: FlowDiT | DiscreteUNet = side(self.model, arch, PRECISIONS[precision], gradient_checkpointing)
         self.text = TextSide(self.clip, arch)
         self.num_timesteps = self.denoiser.num_timesteps
         self.v_prediction = self.denoiser.v_prediction
@@ -84,6 +84,7 @@ class ComfyHost:
 
     def close(self) -> None:
         """Unload the patched clones so the next user of these models gets them unpatched."""
+        self.denoiser.close()
         for patcher in (self.clip.patcher, self.model):
             for i in reversed(range(len(mm.current_loaded_models))):
                 if mm.current_loaded_models[i].model is patcher:

@@ -8,11 +8,11 @@ from ...trainers.concept import ARCH_ENCODERS, ARCH_LABELS, ENCODER_NAMES, Arch
 
 # ComfyUI's classes by name (a class or any of its bases: sd3_clip() subclasses SD3ClipModel per checkpoint)
 CLIP_ARCHS: dict[str, Arch] = {"SD1ClipModel": "sd1", "SD2ClipModel": "sd2", "SDXLClipModel": "sdxl",
-                               "SD3ClipModel": "sd3"}
+                               "SD3ClipModel": "sd3", "FluxClipModel": "flux"}
 MODEL_ARCHS: dict[str, Arch] = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
                                 "KOALA_700M": "sdxl", "KOALA_1B": "sdxl",  # the distilled SDXLs share its CLIP
-                                "SD3": "sd3"}
-SUPPORTED = "SD 1.x, SD 2.x, SDXL and SD 3.5"
+                                "SD3": "sd3", "Flux": "flux", "FluxSchnell": "flux"}
+SUPPORTED = "SD 1.x, SD 2.x, SDXL, SD 3.5 and Flux.1"
 SD_ONLY: tuple[Arch, ...] = ("sd1", "sd2", "sdxl")  # CatVersion and the Tuning Encoder patch a UNet's CLIP and UNet
 
 

@@ -1,52 +1,79 @@
-"""The denoiser side of the flow-matching families (SD 3.5): ComfyUI's CONST sampling, where the noisy latent is
-x_t = σ·ε + (1 − σ)·x0 and the network predicts the velocity v = ε − x0 (docs/COMFYUI.md §2; model_sampling.CONST).
+"""The denoiser side of the flow-matching families (SD 3.5, Flux.1): ComfyUI's CONST sampling, where the noisy latent
+is x_t = σ·ε + (1 − σ)·x0 and the network predicts the velocity v = ε − x0 (docs/COMFYUI.md §2;
+model_sampling.CONST).
 
-Time is drawn as the family's trainers draw it: SD 3's rectified-flow training samples t logit-normally
-(Esser et al. 2024, arXiv 2403.03206, §3.1 and Table 1: "rf/lognorm(0.00, 1.00)"; diffusers' SD3 DreamBooth
-defaults to the same `logit_normal`), then the model's own shift maps t to σ (ModelSamplingDiscreteFlow.sigma).
-The shared loop draws an index i in [0, num_timesteps); it is read as the quantile (i + ½)/num_timesteps of that
-distribution, so the loop stays the same for every family.
+Time is drawn as SD 3's rectified-flow training draws it: t logit-normal (Esser et al. 2024, arXiv 2403.03206,
+§3.1 and Table 1: "rf/lognorm(0.00, 1.00)"; diffusers' SD3 DreamBooth defaults to the same `logit_normal`), then
+the model's own shift maps t to σ (ModelSamplingDiscreteFlow for SD 3.5, ModelSamplingFlux for Flux.1). Black
+Forest Labs published no training recipe for Flux.1; it gets the same draws through its own shift. The shared loop
+draws an index i in [0, num_timesteps); it is read as the quantile (i + ½)/num_timesteps of that distribution, so
+the loop stays the same for every family.
+
+A family differs in the inputs its network takes beside the conditioning (`INPUTS`) and in what autograd and
+checkpointing need of it (`PREPARE`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import comfy.model_sampling
 import torch
 from torch import Tensor
 
+from ...trainers.concept import Arch
+from . import flux_blocks
 from .text_side import ComfyCond
 
 LOGIT_NORMAL = (0.0, 1.0)   # mean and standard deviation of logit(t)
 TIME_BINS = 1000
+FLUX_GUIDANCE = 3.5         # what ComfyUI feeds Flux dev's guidance embedding by default (Flux.extra_conds)
+
+
+def _sd3_inputs(cond: ComfyCond, batch: int) -> dict[str, Tensor]:
+    return {"y": cond.pooled}  # type: ignore[dict-item]
+
+
+def _flux_inputs(cond: ComfyCond, batch: int) -> dict[str, Tensor]:
+    # schnell has no guidance embedding and ignores it, as at inference
+    return {"y": cond.pooled, "guidance": cond.cross_attn.new_full((batch,), FLUX_GUIDANCE)}  # type: ignore[dict-item]
+
+
+def _sd3_prepare(model: Any, gradient_checkpointing: bool) -> Callable[[], None]:
+    if gradient_checkpointing:
+        model.add_object_patch("diffusion_model.use_checkpoint", True)  # MMDiT's own switch, per joint block
+    return lambda: None
+
+
+def _flux_prepare(model: Any, gradient_checkpointing: bool) -> Callable[[], None]:
+    flux_blocks.patch_for_autograd(model, gradient_checkpointing)
+    return flux_blocks.differentiable_rope()
+
+
+INPUTS: dict[Arch, Callable[[ComfyCond, int], dict[str, Tensor]]] = {"sd3": _sd3_inputs, "flux": _flux_inputs}
+PREPARE: dict[Arch, Callable[[Any, bool], Callable[[], None]]] = {"sd3": _sd3_prepare, "flux": _flux_prepare}
 
 
 class FlowDiT:
     """The denoiser side on a clone of the user's MODEL, for a model that samples with CONST (flow matching).
+    `close()` undoes what the family needed beyond object patches (Flux's RoPE on ComfyUI 0.8).
 
     Raises:
-        ValueError: when the model is not a flow-matching model, or gradient checkpointing is asked of a network
-            that has no switch for it.
+        ValueError: when the model is not a flow-matching model of a family this pack trains.
     """
 
-    def __init__(self, model: Any, dtype: torch.dtype | None, gradient_checkpointing: bool):
-        self.model = model
+    def __init__(self, model: Any, arch: Arch, dtype: torch.dtype | None, gradient_checkpointing: bool):
+        self.model, self.arch = model, arch
         self.sampling = model.get_model_object("model_sampling")
-        if not isinstance(self.sampling, comfy.model_sampling.CONST):
+        if not isinstance(self.sampling, comfy.model_sampling.CONST) or arch not in INPUTS:
             raise ValueError(f"this model samples with {type(self.sampling).__name__}, not flow matching.")
         self.v_prediction = False
         self.num_timesteps = TIME_BINS
         if dtype is not None:
             model.set_model_compute_dtype(dtype)
-        if gradient_checkpointing:
-            network = model.model.diffusion_model
-            if not hasattr(network, "use_checkpoint"):
-                raise ValueError(f"gradient checkpointing is not available for {type(network).__name__}; turn it "
-                                 "off.")
-            model.add_object_patch("diffusion_model.use_checkpoint", True)  # MMDiT's own switch, per joint block
+        self.close = PREPARE[arch](model, gradient_checkpointing)
 
     @property
     def transformer_options(self) -> dict[str, Any]:
@@ -68,7 +95,7 @@ class FlowDiT:
         options = self.transformer_options if transformer_options is None else transformer_options
         sigma = self.sigmas(timesteps).to(latents)
         noisy = self.sampling.noise_scaling(sigma, noise, latents)
-        extra = {} if cond.pooled is None else {"y": cond.pooled}
+        extra = INPUTS[self.arch](cond, len(latents))
         options = {**options, "cond_or_uncond": [0] * len(latents), "sigmas": sigma}
         denoised = self.model.model.apply_model(noisy, sigma, c_crossattn=cond.cross_attn,
                                                 transformer_options=options, **extra)

@@ -2,7 +2,8 @@
 differentiable encode (docs/COMFYUI.md §1), for every encoder ComfyUI builds on `SDClipModel` (CLIP and T5).
 
 A family differs only in how its encoders' outputs make one conditioning (`COMBINE`): SD 1.x/2.x use theirs alone,
-SDXL joins CLIP-L and CLIP-G along the width, SD 3.5 also pads them to T5's width and appends T5's tokens.
+SDXL joins CLIP-L and CLIP-G along the width, SD 3.5 also pads them to T5's width and appends T5's tokens, Flux.1
+conditions on T5's tokens and CLIP-L's pooled vector.
 """
 
 from __future__ import annotations
@@ -136,8 +137,14 @@ def _sd3(outputs: Mapping[str, Encoded]) -> Encoded:
     return hidden, torch.cat(pooled, dim=-1) if pooled else hidden.new_zeros(1, 768 + 1280)
 
 
+def _flux(outputs: Mapping[str, Encoded]) -> Encoded:
+    """As FluxClipModel.encode_token_weights: T5's tokens condition, CLIP-L only gives the pooled vector `y`."""
+    t5 = outputs["t5xxl"][0]
+    return t5.reshape(1, -1, t5.shape[-1]), outputs["l"][1][:1]  # type: ignore[index]
+
+
 COMBINE: dict[Arch, Callable[[Mapping[str, Encoded]], Encoded]] = {"sd1": _alone, "sd2": _alone, "sdxl": _sdxl,
-                                                                  "sd3": _sd3}
+                                                                  "sd3": _sd3, "flux": _flux}
 
 
 class TextSide:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ...trainers.concept import Arch
 from .text_side import ComfyCond
 from .weight_offsets import LoraDelta, Offsets, attention_targets
 
@@ -28,7 +29,7 @@ class DiscreteUNet:
         ValueError: when the model does not sample with a discrete ε or v schedule.
     """
 
-    def __init__(self, model: Any, dtype: torch.dtype | None, gradient_checkpointing: bool):
+    def __init__(self, model: Any, arch: Arch, dtype: torch.dtype | None, gradient_checkpointing: bool):
         self.model = model
         self.sampling = model.get_model_object("model_sampling")
         if not isinstance(self.sampling, comfy.model_sampling.ModelSamplingDiscrete) or not isinstance(
@@ -52,6 +53,9 @@ class DiscreteUNet:
                 for j in range(len(block)):
                     name = f"diffusion_model.{prefix}.{j}.forward"
                     model.add_object_patch(name, _checkpointed(model.get_model_object(name)))
+
+    def close(self) -> None:
+        """Nothing beyond object patches, which go with the clone."""
 
     @property
     def transformer_options(self) -> dict[str, Any]:

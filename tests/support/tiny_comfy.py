@@ -29,6 +29,7 @@ import comfy.sd1_clip  # noqa: E402
 import comfy.sdxl_clip  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import comfy.supported_models_base  # noqa: E402
+import comfy.text_encoders.flux  # noqa: E402
 import comfy.text_encoders.sd2_clip  # noqa: E402
 import comfy.text_encoders.sd3_clip  # noqa: E402
 import folder_paths  # noqa: E402
@@ -48,6 +49,10 @@ CLIPS = {
 T5 = dict(d_ff=32, d_kv=8, num_heads=2, num_layers=2)
 CLIPS["sd3"] = (comfy.text_encoders.sd3_clip.SD3Tokenizer, comfy.text_encoders.sd3_clip.sd3_clip(),
                 {"clip_l_model_config": TE_L, "clip_g_model_config": TE_G, "t5xxl_model_config": T5})
+# Flux.1's T5 has no fixed width downstream: it shrinks whole (the table stays T5's 32128 rows)
+T5_FLUX = dict(d_model=24, d_ff=32, d_kv=8, num_heads=2, num_layers=2)
+CLIPS["flux"] = (comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip(),
+                 {"clip_l_model_config": TE_L, "t5xxl_model_config": T5_FLUX})
 CONTEXT = {"sd1": 32, "sd2": 40, "sdxl": 32 + 48}
 # MMDiT: hidden 64·depth with `depth` heads, context from T5's 4096; y = [CLIP-L pooled (32) | CLIP-G pooled (48)]
 SD3_DIT = dict(in_channels=16, out_channels=16, pos_embed_scaling_factor=None, patch_size=2, depth=2, input_size=None,
@@ -89,8 +94,8 @@ def tiny_clip(arch: str = "sd1", embedding_directory: str | None = None, dtype: 
 
 
 def tiny_model(arch: str = "sd1", v_prediction: bool = False, seed: int = 1):
-    if arch == "sd3":
-        return tiny_sd3_model(seed)
+    if arch in FLOW_MODELS:
+        return FLOW_MODELS[arch](seed)
     unet = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=32,
                 num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_middle=1,
                 transformer_depth_output=[1, 1, 1, 1], context_dim=CONTEXT[arch], use_spatial_transformer=True,
@@ -125,6 +130,32 @@ def tiny_sd3_model(seed: int = 1):
         base.diffusion_model.y_embedder.mlp[0].weight.mul_(4)
     return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+def tiny_flux_model(seed: int = 1):
+    """A Flux.1 dev transformer (guidance embedding, ModelSamplingFlux) in ComfyUI's classes. ComfyUI's detection
+    fixes 24 heads and 3072 wide, so the tiny one is built from its config directly."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    config = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=TE_L["hidden_size"],
+                  context_in_dim=T5_FLUX["d_model"], hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1,
+                  depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
+                  guidance_embed=True)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        config["txt_ids_dims"] = []  # ComfyUI 0.8 has it and no default
+    flux = comfy.supported_models.Flux(config)
+    flux.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode():
+        base = flux.get_model({})
+        initialise(base, seed)
+        base.diffusion_model.txt_in.weight.mul_(4)  # make the text matter, as for the UNets' attn2
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+FLOW_MODELS = {"sd3": tiny_sd3_model, "flux": tiny_flux_model}
 
 
 def tiny_vae(seed: int = 2, latent_channels: int = 4):
