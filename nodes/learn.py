@@ -68,7 +68,7 @@ class LearnConcept(io.ComfyNode):
             category=CATEGORY,
             description="Learns a concept (a new word) from a few images with the checkpoint in the graph.",
             inputs=[
-                io.Model.Input("model", tooltip="The MODEL of the checkpoint to learn on (SD 1.x, SD 2.x, SDXL or "
+                io.Model.Input("model", tooltip="The MODEL of the checkpoint to learn on (SD 1.x, SD 2.x, SDXL, "
                                "SD 3.5 or Flux.1; there ti, dti and batex learn vectors for each text encoder: "
                                "CLIP-L, CLIP-G and T5-XXL, or CLIP-L and T5-XXL)."),
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
