@@ -116,6 +116,20 @@ def test_sdxl_third_party(tmp_path):
     assert c.arch == "sdxl" and c.vectors["l"].shape == (2, 768) and c.vectors["g"].shape == (2, 1280)
 
 
+@pytest.mark.parametrize("arch, widths", [("sd3", {"l": 768, "g": 1280, "t5xxl": 4096}),
+                                          ("flux", {"l": 768, "t5xxl": 4096})])
+def test_flow_family_files_hold_the_keys_comfyuis_tokenizers_read_and_round_trip(tmp_path, arch, widths):
+    vectors = {k: torch.full((2, w), float(i + 1)) for i, (k, w) in enumerate(widths.items())}
+    path = save_concept(Concept("x", "ti", arch, vectors), tmp_path / "x.safetensors")
+    names = {"l": "clip_l", "g": "clip_g", "t5xxl": "t5xxl"}
+    assert file_keys(path)[0] == {names[k]: (2, w) for k, w in widths.items()}
+    back = read_concept(path)
+    assert back.arch == arch and all(torch.equal(back.vectors[k], v) for k, v in vectors.items())
+    # the same tensors without the pack's metadata (another tool's file) read as the same family
+    save_file({names[k]: v for k, v in vectors.items()}, str(tmp_path / "plain.safetensors"))
+    assert read_concept(tmp_path / "plain.safetensors").arch == arch
+
+
 def test_unknown_width_names_the_widths_it_expects(tmp_path):
     save_file({"emb_params": torch.ones(1, 640)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(ValueError, match="width 640 match neither SD 1.x \\(768\\) nor SD 2.x \\(1024\\)"):
