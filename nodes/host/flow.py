@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ...trainers.concept import Arch
 from . import flux_blocks
+from .denoise import apply_model, per_sample
 from .text_side import ComfyCond
 
 LOGIT_NORMAL = (0.0, 1.0)   # mean and standard deviation of logit(t)
@@ -96,21 +97,13 @@ class FlowDiT:
         sigma = self.sigmas(timesteps).to(latents)
         noisy = self.sampling.noise_scaling(sigma, noise, latents)
         extra = INPUTS[self.arch](cond, len(latents))
-        options = {**options, "cond_or_uncond": [0] * len(latents), "sigmas": sigma}
-        denoised = self.model.model.apply_model(noisy, sigma, c_crossattn=cond.cross_attn,
-                                                transformer_options=options, **extra)
-        return noisy, sigma, denoised
+        return noisy, sigma, apply_model(self.model, noisy, sigma, cond.cross_attn, options, extra)
 
     def loss(self, latents: Tensor, noisy: Tensor, sigma: Tensor, denoised: Tensor, noise: Tensor,
              mask: Tensor | None = None) -> Tensor:
         """Per-sample velocity loss ‖v̂ − (ε − x0)‖², the objective these models were trained with."""
         velocity = (noisy - denoised) / sigma.view(-1, *[1] * (noisy.dim() - 1))
-        err = (velocity.float() - (noise.float() - latents.float())) ** 2
-        dims = tuple(range(1, err.dim()))
-        if mask is None:
-            return err.mean(dim=dims)
-        weights = mask[:, None].to(err).expand_as(err)
-        return (err * weights).sum(dim=dims) / weights.sum(dim=dims)
+        return per_sample((velocity.float() - (noise.float() - latents.float())) ** 2, mask)
 
     # -- what only the UNet families offer (the Tuning Encoder's offsets and features) -------------------------
     def weight_targets(self, kind: str) -> list[tuple[str, int, int]]:

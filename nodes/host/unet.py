@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ...trainers.concept import Arch
+from .denoise import apply_model, per_sample
 from .text_side import ComfyCond
 from .weight_offsets import LoraDelta, Offsets, attention_targets
 
@@ -93,26 +94,18 @@ class DiscreteUNet:
         extra = {}
         if cond.pooled is not None:
             extra["y"] = self._adm(cond.pooled, latents.shape[-2] * 8, latents.shape[-1] * 8)
-        options = {**options, "cond_or_uncond": [0] * len(latents), "sigmas": sigma}
-        denoised = self.model.model.apply_model(noisy, sigma, c_crossattn=cond.cross_attn,
-                                                transformer_options=options, **extra)
-        return noisy, sigma, denoised
+        return noisy, sigma, apply_model(self.model, noisy, sigma, cond.cross_attn, options, extra)
 
     def loss(self, latents: Tensor, noisy: Tensor, sigma: Tensor, denoised: Tensor, noise: Tensor,
              mask: Tensor | None = None) -> Tensor:
         """Per-sample ε loss (v loss for v-prediction models) from an x0 prediction."""
         eps = (noisy - denoised) / sigma.view(-1, 1, 1, 1)
-        err = (eps.float() - noise.float()) ** 2                                     # [B, C, h, w]
-        if mask is None:
-            per_sample = err.mean(dim=(1, 2, 3))
-        else:
-            weights = mask[:, None].to(err).expand_as(err)
-            per_sample = (err * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3))
+        loss = per_sample((eps.float() - noise.float()) ** 2, mask)
         if self.v_prediction:
             # v − v̂ = (σ² + σ_d²)^½ / σ_d · (ε − ε̂): the v-MSE is the ε-MSE reweighted per sample
             sd = float(self.sampling.sigma_data)
-            per_sample = per_sample * (sigma.float() ** 2 + sd ** 2) / sd ** 2
-        return per_sample
+            loss = loss * (sigma.float() ** 2 + sd ** 2) / sd ** 2
+        return loss
 
     def block_features(self, latents: Tensor, cond: ComfyCond, noise: Tensor, timesteps: Tensor) -> Tensor:
         """The encoder blocks' outputs, spatially averaged and concatenated [N, C], without any offsets."""
