@@ -19,8 +19,8 @@ The protocol (bench/toyworld/protocol.py; the README's "Quality" section says wh
 - Statistics: means over the concept × seed cells with t 95% intervals; every row is paired with TI on the same
   cells (the difference per cell, then its t interval); each paper claim gets a verdict from its interval.
 
-Every finished cell is appended to bench/out/toyworld/<shard>.jsonl at once; a rerun skips the cells it finds, so
-shards can be stopped and continued (also in another session).
+Every finished cell is appended to bench/results/toyworld/<shard>.jsonl at once; a rerun skips the cells it finds,
+so shards can be stopped and continued (also in another session or on another machine).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from toyworld.protocol import CLASS_WORD, GROUP_SEEDS, PER_GROUP, Row  # noqa: E
 from toyworld.sampling import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-CELLS = ROOT / "bench" / "out" / "toyworld"
+CELLS = ROOT / "bench" / "results" / "toyworld"   # the raw cells are evidence too: kept, and continued from
 RESULT = ROOT / "bench" / "results" / "toyworld.json"
 LAST_ONLY = 100000   # checkpoint_every: only a run's last step is checkpointed, which is what the next stop resumes
 
