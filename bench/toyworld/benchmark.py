@@ -288,11 +288,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th cell from the i-th")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cells", type=Path, default=CELLS, help="where cells are appended and found")
-    parser.add_argument("--report", action="store_true", help="summarise the cells found instead of running")
+    parser.add_argument("--report", action="store_true", help="summarise the cells found (of --seeds) instead of "
+                        "running")
     parser.add_argument("--out", type=Path, default=RESULT)
     opts = parser.parse_args(argv)
     if opts.report:
-        report.write(read_cells([opts.cells]), opts.out)
+        report.write([c for c in read_cells([opts.cells]) if c["seed"] in opts.seeds or c["row"] in
+                      protocol.BASELINE_ROWS], opts.out)
     else:
         run(opts)
 
