@@ -13,10 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from toyworld import benchmark, protocol, world  # noqa: E402
 
 CONCEPT, STEPS = "pinkheart", (50, 100)
-# bench/results/toyworld.json, pinkheart, TI, seed 0: identity MEASURED/32 after 100 steps (judge: colour and shape
+# bench/results/toyworld/, pinkheart, TI, seed 0: identity 23/32 = 0.72 after 100 steps (judge: colour and shape
 # both right) for "a embedding:pinkheart"; the class word "shape": 0/32 (the word "heart" was never trained). The
-# bound is three binomial standard deviations below the measurement, room for another platform's arithmetic.
-MIN_IDENTITY = 0.4
+# bound is three binomial standard deviations (3 × 0.079) below the measurement, room for another platform's
+# arithmetic.
+MIN_IDENTITY = 0.48
 
 
 def test_a_learned_concept_beats_the_class_word(model_folders):
