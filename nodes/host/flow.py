@@ -30,6 +30,7 @@ from .text_side import ComfyCond
 
 LOGIT_NORMAL = (0.0, 1.0)   # mean and standard deviation of logit(t)
 TIME_BINS = 1000
+UNET_ONLY = "weight offsets and block features are implemented for the UNet families (SD 1.x, SD 2.x, SDXL) only."
 FLUX_GUIDANCE = 3.5         # what ComfyUI feeds Flux dev's guidance embedding by default (Flux.extra_conds)
 
 
@@ -105,17 +106,16 @@ class FlowDiT:
         velocity = (noisy - denoised) / sigma.view(-1, *[1] * (noisy.dim() - 1))
         return per_sample((velocity.float() - (noise.float() - latents.float())) ** 2, mask)
 
-    # -- what only the UNet families offer (the Tuning Encoder's offsets and features) -------------------------
+    # -- what only the UNet families offer (the Tuning Encoder's offsets and features; Learn Concept refuses first) --
     def weight_targets(self, kind: str) -> list[tuple[str, int, int]]:
-        raise ValueError("weight offsets are implemented for the UNet families (SD 1.x, SD 2.x, SDXL) only.")
+        raise ValueError(UNET_ONLY)
 
     def wrap_weights(self, offsets: Mapping[str, tuple[Tensor, Tensor]], scale: float) -> bool:
-        return bool(self.weight_targets(""))
+        raise ValueError(UNET_ONLY)
 
     @contextlib.contextmanager
     def without_offsets(self) -> Iterator[None]:
         yield
 
     def block_features(self, latents: Tensor, cond: ComfyCond, noise: Tensor, timesteps: Tensor) -> Tensor:
-        self.weight_targets("")
-        raise AssertionError("unreachable")
+        raise ValueError(UNET_ONLY)

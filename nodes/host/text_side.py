@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...trainers.concept import ENCODER_NAMES, Arch
+from ...trainers.concept import ENCODER_NAMES, ENCODER_WIDTHS, Arch
 from ...trainers.host import TextEncoder
 from ..residual_attention import ResidualAttention, ResidualEntry
 from .embedding_lookup import tokenizer_with_lookup
@@ -110,7 +110,7 @@ def _sdxl(outputs: Mapping[str, Encoded]) -> Encoded:
     return hidden.reshape(1, -1, hidden.shape[-1]), pooled[:1]  # type: ignore[index]
 
 
-T5_WIDTH = 4096
+T5_WIDTH = ENCODER_WIDTHS["t5xxl"]
 
 
 def _sd3(outputs: Mapping[str, Encoded]) -> Encoded:
@@ -119,22 +119,23 @@ def _sd3(outputs: Mapping[str, Encoded]) -> Encoded:
     parts, pooled = [], []
     if "l" in outputs or "g" in outputs:
         ref = next(iter(outputs.values()))[0]
-        zeros = {"l": 768, "g": 1280}
         if "l" in outputs and "g" in outputs:
             lg = _clip_pair(outputs)[0]
         else:
             key = "l" if "l" in outputs else "g"
-            lg = F.pad(outputs[key][0], (0, 0) if key == "l" else (768, 0))
+            lg = F.pad(outputs[key][0], (0, 0) if key == "l" else (ENCODER_WIDTHS["l"], 0))
         lg = F.pad(lg, (0, T5_WIDTH - lg.shape[-1]))
         parts.append(lg.reshape(1, -1, T5_WIDTH))
         for key in ("l", "g"):
             found = outputs.get(key)
-            pooled.append(found[1][:1] if found is not None else ref.new_zeros(1, zeros[key]))  # type: ignore[index]
+            pooled.append(found[1][:1] if found is not None else ref.new_zeros(1, ENCODER_WIDTHS[key]))  # type: ignore[index]
     if "t5xxl" in outputs:
         t5 = outputs["t5xxl"][0]
         parts.append(t5.reshape(1, -1, t5.shape[-1]))
     hidden = torch.cat(parts, dim=-2)
-    return hidden, torch.cat(pooled, dim=-1) if pooled else hidden.new_zeros(1, 768 + 1280)
+    if not pooled:  # T5 alone: SD3ClipModel's zero pooled vector
+        pooled = [hidden.new_zeros(1, ENCODER_WIDTHS["l"] + ENCODER_WIDTHS["g"])]
+    return hidden, torch.cat(pooled, dim=-1)
 
 
 def _flux(outputs: Mapping[str, Encoded]) -> Encoded:
