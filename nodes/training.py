@@ -68,8 +68,8 @@ class LearnSettings:
 
 
 def native_resolution(arch: Arch, v_prediction: bool) -> int:
-    """SD 1.x trains at 512, SD 2.x at 768 (v-prediction) or 512 (base), SDXL and SD 3.5 at 1024."""
-    if arch in ("sdxl", "sd3"):
+    """SD 1.x trains at 512, SD 2.x at 768 (v-prediction) or 512 (base), SDXL and the DiT families at 1024."""
+    if arch in ("sdxl", "sd3", "flux", "lumina2"):
         return 1024
     return 768 if arch == "sd2" and v_prediction else 512
 

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 Method = Literal["ti", "dti", "batex", "catversion", "tuning_encoder"]
-Arch = Literal["sd1", "sd2", "sdxl", "sd3", "flux"]
-EncoderKey = Literal["l", "g", "h", "t5xxl"]
+Arch = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "lumina2"]
+EncoderKey = Literal["l", "g", "h", "t5xxl", "gemma2_2b"]
 
 METHODS: tuple[Method, ...] = get_args(Method)
 ARCHS: tuple[Arch, ...] = get_args(Arch)
@@ -19,13 +19,17 @@ TOKEN_METHODS: tuple[Method, ...] = ("ti", "dti", "batex")  # saved as stock emb
 
 # The text encoders each architecture conditions on, in ComfyUI's order, and their real widths.
 ARCH_ENCODERS: dict[Arch, tuple[EncoderKey, ...]] = {"sd1": ("l",), "sd2": ("h",), "sdxl": ("l", "g"),
-                                                     "sd3": ("l", "g", "t5xxl"), "flux": ("l", "t5xxl")}
-ENCODER_WIDTHS: dict[EncoderKey, int] = {"l": 768, "h": 1024, "g": 1280, "t5xxl": 4096}
+                                                     "sd3": ("l", "g", "t5xxl"), "flux": ("l", "t5xxl"),
+                                                     "lumina2": ("gemma2_2b",)}
+ENCODER_WIDTHS: dict[EncoderKey, int] = {"l": 768, "h": 1024, "g": 1280, "t5xxl": 4096, "gemma2_2b": 2304}
 # each encoder's name in ComfyUI: its attribute on the CLIP model and tokenizer, and the key of its vectors in a
 # multi-encoder embedding file that ComfyUI's tokenizer reads (`embedding_key`)
-ENCODER_NAMES: dict[str, str] = {"l": "clip_l", "g": "clip_g", "h": "clip_h", "t5xxl": "t5xxl"}
-ARCH_LABELS: dict[Arch, str] = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3.5", "flux": "Flux.1"}
-MULTI_ENCODER_ARCHS: tuple[Arch, ...] = ("sdxl", "sd3", "flux")  # files keyed per encoder, not one `emb_params`
+ENCODER_NAMES: dict[str, str] = {"l": "clip_l", "g": "clip_g", "h": "clip_h", "t5xxl": "t5xxl",
+                                 "gemma2_2b": "gemma2_2b"}
+ARCH_LABELS: dict[Arch, str] = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3.5", "flux": "Flux.1",
+                                "lumina2": "Lumina 2"}
+# files keyed per encoder (the key ComfyUI's tokenizer for that encoder reads), not one `emb_params`
+MULTI_ENCODER_ARCHS: tuple[Arch, ...] = ("sdxl", "sd3", "flux", "lumina2")
 
 # A name must survive both a file name and ComfyUI's prompt parser: "embedding:<name>" ends at whitespace,
 # loses a trailing comma, and parentheses or colons are weight syntax.

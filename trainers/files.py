@@ -2,7 +2,8 @@
 
 Token concepts (TI, DTI, BaTex) are written in the layout every embedding loader reads: SD 1.x/2.x a single
 tensor `emb_params` [n, d]; SDXL exactly `clip_l` [n, 768] and `clip_g` [n, 1280]; SD 3.5 those and `t5xxl`
-[n, 4096]; Flux.1 `clip_l` and `t5xxl` (the keys ComfyUI's tokenizers for these families read). Everything else a
+[n, 4096]; Flux.1 `clip_l` and `t5xxl` (the keys ComfyUI's tokenizers for these families read); Lumina 2
+`gemma2_2b` (its tokenizer's key, though stock ComfyUI resolves no `embedding:` for Gemma). Everything else a
 concept carries (method, state, provenance) is JSON in the safetensors metadata under `concept_forge`, so the same file
 works with stock `embedding:<name>`, A1111 and kohya, and round-trips to a full Concept here. Any third-party
 embedding reads as a TI concept. Files are written atomically; pickles are never written, and `.pt` files are
@@ -269,7 +270,7 @@ def parse_embedding(content: Any, label: str) -> tuple[Arch, dict[str, Tensor], 
     """Find the token vectors in a third-party embedding, in the order ComfyUI's own loader looks.
 
     Understands A1111 `.pt` (`string_to_param`), kohya/diffusers (`emb_params`, `{token: tensor}`), SDXL
-    (`clip_l` + `clip_g`), SD 3.5 (those + `t5xxl`) and Flux.1 (`clip_l` + `t5xxl`). Returns the architecture, the
+    (`clip_l` + `clip_g`), SD 3.5 (those + `t5xxl`), Flux.1 (`clip_l` + `t5xxl`) and Lumina 2 (`gemma2_2b`). Returns the architecture, the
     vectors per encoder and what provenance the file carries.
     """
     if isinstance(content, Mapping) and "string_to_param" in content:
@@ -283,7 +284,8 @@ def parse_embedding(content: Any, label: str) -> tuple[Arch, dict[str, Tensor], 
         raise ValueError(f"{label}: expected a dict of tensors, got {type(content).__name__}.")
     tensors = {k: v for k, v in content.items() if isinstance(v, Tensor)}
     families: tuple[tuple[Arch, set[str]], ...] = (("sd3", {"clip_l", "clip_g", "t5xxl"}),
-                                                    ("sdxl", {"clip_l", "clip_g"}), ("flux", {"clip_l", "t5xxl"}))
+                                                    ("sdxl", {"clip_l", "clip_g"}), ("flux", {"clip_l", "t5xxl"}),
+                                                    ("lumina2", {"gemma2_2b"}))
     for arch, keys in families:  # the family whose encoder keys the file holds, the most specific first
         if keys <= tensors.keys():
             return arch, {k: _as_matrix(tensors[ENCODER_NAMES[k]], label) for k in ARCH_ENCODERS[arch]}, {}

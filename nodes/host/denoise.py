@@ -9,7 +9,7 @@ from torch import Tensor
 
 
 def apply_model(model: Any, noisy: Tensor, sigma: Tensor, cross_attn: Tensor, options: Mapping[str, Any],
-                extra: Mapping[str, Tensor]) -> Tensor:
+                extra: Mapping[str, Any]) -> Tensor:
     """x0 predicted by the patched model at σ (ComfyUI's apply_model takes σ and returns x0)."""
     options = {**options, "cond_or_uncond": [0] * len(noisy), "sigmas": sigma}
     return model.model.apply_model(noisy, sigma, c_crossattn=cross_attn, transformer_options=options, **extra)

@@ -8,20 +8,31 @@ from ...trainers.concept import ARCH_ENCODERS, ARCH_LABELS, ENCODER_NAMES, Arch
 
 # ComfyUI's classes by name (a class or any of its bases: sd3_clip() subclasses SD3ClipModel per checkpoint)
 CLIP_ARCHS: dict[str, Arch] = {"SD1ClipModel": "sd1", "SD2ClipModel": "sd2", "SDXLClipModel": "sdxl",
-                               "SD3ClipModel": "sd3", "FluxClipModel": "flux"}
+                               "SD3ClipModel": "sd3", "FluxClipModel": "flux", "LuminaModel": "lumina2"}
 MODEL_ARCHS: dict[str, Arch] = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
                                 "KOALA_700M": "sdxl", "KOALA_1B": "sdxl",  # the distilled SDXLs share its CLIP
-                                "SD3": "sd3", "Flux": "flux", "FluxSchnell": "flux"}
-SUPPORTED = "SD 1.x, SD 2.x, SDXL, SD 3.5 and Flux.1"
+                                "SD3": "sd3", "Flux": "flux", "FluxSchnell": "flux", "Lumina2": "lumina2"}
+# model classes that inherit a supported one but condition differently (Z-Image: Qwen3 on Lumina 2's DiT)
+NOT_SUPPORTED = {"ZImage"}
+SUPPORTED = "SD 1.x, SD 2.x, SDXL, SD 3.5, Flux.1 and Lumina 2"
 SD_ONLY: tuple[Arch, ...] = ("sd1", "sd2", "sdxl")  # CatVersion and the Tuning Encoder patch a UNet's CLIP and UNet
 
 
 def _by_class(table: dict[str, Arch], obj: Any) -> Arch | None:
-    return next((table[c.__name__] for c in type(obj).__mro__ if c.__name__ in table), None)
+    for c in type(obj).__mro__:
+        if c.__name__ in NOT_SUPPORTED:
+            return None
+        if c.__name__ in table:
+            return table[c.__name__]
+    return None
 
 
 def clip_arch(clip: Any) -> Arch | None:
-    return _by_class(CLIP_ARCHS, clip.cond_stage_model)
+    arch = _by_class(CLIP_ARCHS, clip.cond_stage_model)
+    if arch is not None and not any(getattr(clip.cond_stage_model, ENCODER_NAMES[k], None) is not None
+                                    for k in ARCH_ENCODERS[arch]):
+        return None  # a family's class around other encoders (Lumina's text model around Gemma 3)
+    return arch
 
 
 def model_arch(model: Any) -> Arch | None:

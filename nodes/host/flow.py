@@ -1,4 +1,4 @@
-"""The denoiser side of the flow-matching families (SD 3.5, Flux.1): ComfyUI's CONST sampling, where the noisy latent
+"""The denoiser side of the flow-matching families (SD 3.5, Flux.1, Lumina 2): ComfyUI's CONST sampling, where the noisy latent
 is x_t = σ·ε + (1 − σ)·x0 and the network predicts the velocity v = ε − x0 (docs/COMFYUI.md §2;
 model_sampling.CONST).
 
@@ -10,7 +10,9 @@ draws an index i in [0, num_timesteps); it is read as the quantile (i + ½)/num_
 the loop stays the same for every family.
 
 A family differs in the inputs its network takes beside the conditioning (`INPUTS`) and in what autograd and
-checkpointing need of it (`PREPARE`).
+checkpointing need of it (`PREPARE`). A batch whose prompts have different token counts is predicted one prompt at a
+time, each conditioning as long as its own prompt, as at inference (Lumina 2 reads its caption's length; T5's
+padding makes template prompts equally long on SD 3.5 and Flux.1).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Callable, Iterator, Mapping
 import comfy.model_sampling
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ...trainers.concept import Arch
 from . import flux_blocks
@@ -43,6 +46,26 @@ def _flux_inputs(cond: ComfyCond, batch: int) -> dict[str, Tensor]:
     return {"y": cond.pooled, "guidance": cond.cross_attn.new_full((batch,), FLUX_GUIDANCE)}  # type: ignore[dict-item]
 
 
+def _lumina2_inputs(cond: ComfyCond, batch: int) -> dict[str, Any]:
+    # what Lumina2.extra_conds sends for one caption: its token count (its mask is all ones, so it is not sent)
+    return {"num_tokens": cond.cross_attn.shape[1]}
+
+
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
+def _lumina2_prepare(model: Any, gradient_checkpointing: bool) -> Callable[[], None]:
+    if gradient_checkpointing:  # NextDiT's blocks add out of place: plain checkpoints recompute them exactly
+        network = model.model.diffusion_model
+        for stack in ("noise_refiner", "context_refiner", "layers"):
+            for i, block in enumerate(getattr(network, stack)):
+                model.add_object_patch(f"diffusion_model.{stack}.{i}.forward", _checkpointed(block.forward))
+    return flux_blocks.differentiable_rope("comfy.ldm.lumina.model")
+
+
 def _sd3_prepare(model: Any, gradient_checkpointing: bool) -> Callable[[], None]:
     if gradient_checkpointing:
         model.add_object_patch("diffusion_model.use_checkpoint", True)  # MMDiT's own switch, per joint block
@@ -54,8 +77,17 @@ def _flux_prepare(model: Any, gradient_checkpointing: bool) -> Callable[[], None
     return flux_blocks.differentiable_rope()
 
 
-INPUTS: dict[Arch, Callable[[ComfyCond, int], dict[str, Tensor]]] = {"sd3": _sd3_inputs, "flux": _flux_inputs}
-PREPARE: dict[Arch, Callable[[Any, bool], Callable[[], None]]] = {"sd3": _sd3_prepare, "flux": _flux_prepare}
+INPUTS: dict[Arch, Callable[[ComfyCond, int], dict[str, Any]]] = {"sd3": _sd3_inputs, "flux": _flux_inputs,
+                                                                  "lumina2": _lumina2_inputs}
+PREPARE: dict[Arch, Callable[[Any, bool], Callable[[], None]]] = {"sd3": _sd3_prepare, "flux": _flux_prepare,
+                                                                  "lumina2": _lumina2_prepare}
+
+
+def _one_prompt(cond: ComfyCond, i: int) -> ComfyCond:
+    """Sample i's conditioning at its own prompt's length (the batch repeats shorter prompts to a common one)."""
+    length = cond.lengths[i]
+    pooled = None if cond.pooled is None else cond.pooled[i:i + 1]
+    return ComfyCond(cond.cross_attn[i:i + 1, :length], pooled, cond.prompts[i:i + 1], [length])
 
 
 class FlowDiT:
@@ -97,8 +129,16 @@ class FlowDiT:
         options = self.transformer_options if transformer_options is None else transformer_options
         sigma = self.sigmas(timesteps).to(latents)
         noisy = self.sampling.noise_scaling(sigma, noise, latents)
-        extra = INPUTS[self.arch](cond, len(latents))
-        return noisy, sigma, apply_model(self.model, noisy, sigma, cond.cross_attn, options, extra)
+        if len(set(cond.lengths)) == 1:
+            denoised = self._apply(noisy, sigma, cond, options)
+        else:
+            denoised = torch.cat([self._apply(noisy[i:i + 1], sigma[i:i + 1], _one_prompt(cond, i), options)
+                                  for i in range(len(noisy))])
+        return noisy, sigma, denoised
+
+    def _apply(self, noisy: Tensor, sigma: Tensor, cond: ComfyCond, options: Mapping[str, Any]) -> Tensor:
+        extra = INPUTS[self.arch](cond, len(noisy))
+        return apply_model(self.model, noisy, sigma, cond.cross_attn, options, extra)
 
     def loss(self, latents: Tensor, noisy: Tensor, sigma: Tensor, denoised: Tensor, noise: Tensor,
              mask: Tensor | None = None) -> Tensor:

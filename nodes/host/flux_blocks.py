@@ -63,13 +63,17 @@ def _rope(q: Tensor, k: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
     return _rope1(q, freqs), _rope1(k, freqs)
 
 
-def differentiable_rope() -> Callable[[], None]:
-    """Point Flux's attention at the torch RoPE; returns what puts the original back."""
-    import comfy.ldm.flux.math as flux_math
+def differentiable_rope(module_name: str = "comfy.ldm.flux.math") -> Callable[[], None]:
+    """Point the attention of `module_name` (Flux's, or Lumina 2's, which imports Flux's RoPE on ComfyUI 0.8) at the
+    torch RoPE; returns what puts the original back. A module without its own binding is left alone."""
+    import importlib
 
-    original = flux_math.apply_rope
-    flux_math.apply_rope = _rope
+    module = importlib.import_module(module_name)
+    if not hasattr(module, "apply_rope"):
+        return lambda: None
+    original = module.apply_rope
+    module.apply_rope = _rope
 
     def restore() -> None:
-        flux_math.apply_rope = original
+        module.apply_rope = original
     return restore

@@ -1,14 +1,16 @@
 """The text side: tokens with a concept slot, the vocabulary, the layer whose output conditions the denoiser, and a
 differentiable encode (docs/COMFYUI.md §1), for every encoder ComfyUI builds on `SDClipModel` (CLIP and T5).
 
-A family differs only in how its encoders' outputs make one conditioning (`COMBINE`): SD 1.x/2.x use theirs alone,
-SDXL joins CLIP-L and CLIP-G along the width, SD 3.5 also pads them to T5's width and appends T5's tokens, Flux.1
-conditions on T5's tokens and CLIP-L's pooled vector.
+A family differs in how its encoders' outputs make one conditioning (`COMBINE`): SD 1.x/2.x and Lumina 2 use theirs
+alone, SDXL joins CLIP-L and CLIP-G along the width, SD 3.5 also pads them to T5's width and appends T5's tokens,
+Flux.1 conditions on T5's tokens and CLIP-L's pooled vector; and in what its prompt node wraps around the user's
+prompt (`PROMPT_FORMATS`): Lumina 2's node puts a system prompt first.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -23,6 +25,11 @@ from .embedding_lookup import tokenizer_with_lookup
 from .families import encoder_keys
 
 SLOT_NAME = "concept_forge_slot"
+# what the family's own prompt node sends for a prompt `p`: CLIPTextEncodeLumina2 with its default system prompt
+# ("superior"), which ComfyUI's Lumina 2 workflows use; a concept learned so transfers to the other system prompt
+LUMINA2_SYSTEM_PROMPT = ("You are an assistant designed to generate superior images with the superior degree of "
+                         "image-text alignment based on textual prompts or user prompts.")
+PROMPT_FORMATS: dict[Arch, Callable[[str], str]] = {"lumina2": lambda p: f"{LUMINA2_SYSTEM_PROMPT} <Prompt Start> {p}"}
 
 
 def conditioning_layers(clip: Any) -> dict[str, int]:
@@ -49,6 +56,7 @@ class ComfyCond:
     cross_attn: Tensor      # [B, L, D]
     pooled: Tensor | None   # [B, P]: SDXL's clip_g pooled output, for the ADM vector
     prompts: Sequence[Any]  # the prepared prompts, so a reference path can encode them again
+    lengths: Sequence[int]  # each prompt's own token count (`cross_attn` repeats shorter ones to L)
 
 
 def _out_of_place_layer_forward(layer: torch.nn.Module) -> Callable[..., Tensor]:
@@ -78,6 +86,8 @@ def _out_of_place_t5_feed_forward(layer: torch.nn.Module) -> Callable[[Tensor], 
 
 def _out_of_place_patches(name: str, sub: Any) -> dict[str, Callable[..., Any]]:
     """Object patches (relative to the CLIP model) that let autograd through encoder `name`'s layers."""
+    if name == "gemma2_2b":  # ComfyUI's Llama-family blocks add their residuals out of place already
+        return {}
     if name == "t5xxl":
         patches = {}
         for i, block in enumerate(sub.transformer.encoder.block):
@@ -145,7 +155,16 @@ def _flux(outputs: Mapping[str, Encoded]) -> Encoded:
 
 
 COMBINE: dict[Arch, Callable[[Mapping[str, Encoded]], Encoded]] = {"sd1": _alone, "sd2": _alone, "sdxl": _sdxl,
-                                                                  "sd3": _sd3, "flux": _flux}
+                                                                  "sd3": _sd3, "flux": _flux, "lumina2": _alone}
+
+
+def _with_slot_name(text: str) -> str:
+    """`{}` → `embedding:<slot>`, spaced only where the prompt parser needs a space (after a word, before the next
+    word), so the words around it reach the tokenizer exactly as a user's `embedding:` prompt sends them — Gemma's
+    tokenizer, unlike CLIP's, keeps every space."""
+    text = re.sub(r"(?<=\S)\{\}", " {}", text)
+    text = re.sub(r"\{\}(?=[^\s,])", "{} ", text)
+    return text.replace("{}", f"embedding:{SLOT_NAME}")
 
 
 class TextSide:
@@ -190,7 +209,8 @@ class TextSide:
                                           lambda key, name: markers[key] if name == SLOT_NAME else None)
         if "{}" in text and not num_vectors:
             raise ValueError(f"prompt {text!r} has a concept slot but the method injects no vectors.")
-        tokens = tokenizer.tokenize_with_weights(text.replace("{}", f" embedding:{SLOT_NAME} "), disable_weights=True)
+        text = PROMPT_FORMATS.get(self.arch, str)(_with_slot_name(text))
+        tokens = tokenizer.tokenize_with_weights(text, disable_weights=True)
         prepared = {}
         for key in self.encoders:
             storage = markers[key].untyped_storage().data_ptr()
@@ -221,7 +241,8 @@ class TextSide:
                     per_prompt[i][key] = (hidden, pooled)
         combined = [COMBINE[self.arch](outputs) for outputs in per_prompt]
         hidden, pooled = _stack([h for h, _ in combined]), [p for _, p in combined]
-        return ComfyCond(hidden, None if pooled[0] is None else torch.cat(pooled), prompts)  # type: ignore[arg-type]
+        return ComfyCond(hidden, None if pooled[0] is None else torch.cat(pooled), prompts,  # type: ignore[arg-type]
+                         [h.shape[1] for h, _ in combined])
 
 
 def _stack(hidden: Sequence[Tensor]) -> Tensor:

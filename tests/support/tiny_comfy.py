@@ -9,6 +9,7 @@ comfy.model_management, which would otherwise look for a GPU). Models are built 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -30,6 +31,7 @@ import comfy.sdxl_clip  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import comfy.supported_models_base  # noqa: E402
 import comfy.text_encoders.flux  # noqa: E402
+import comfy.text_encoders.lumina2  # noqa: E402
 import comfy.text_encoders.sd2_clip  # noqa: E402
 import comfy.text_encoders.sd3_clip  # noqa: E402
 import folder_paths  # noqa: E402
@@ -53,6 +55,12 @@ CLIPS["sd3"] = (comfy.text_encoders.sd3_clip.SD3Tokenizer, comfy.text_encoders.s
 T5_FLUX = dict(d_model=24, d_ff=32, d_kv=8, num_heads=2, num_layers=2)
 CLIPS["flux"] = (comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip(),
                  {"clip_l_model_config": TE_L, "t5xxl_model_config": T5_FLUX})
+# Lumina 2's Gemma-2 shrinks whole (head_dim stays Gemma's 256: a class attribute); its SentencePiece vocabulary is
+# trained here with Gemma's settings: no normalisation, every space kept, no leading space added
+GEMMA = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+             num_key_value_heads=1)
+CLIPS["lumina2"] = (comfy.text_encoders.lumina2.LuminaTokenizer, comfy.text_encoders.lumina2.te(),
+                    {"gemma2_2b_model_config": GEMMA})
 CONTEXT = {"sd1": 32, "sd2": 40, "sdxl": 32 + 48}
 # MMDiT: hidden 64·depth with `depth` heads, context from T5's 4096; y = [CLIP-L pooled (32) | CLIP-G pooled (48)]
 SD3_DIT = dict(in_channels=16, out_channels=16, pos_embed_scaling_factor=None, patch_size=2, depth=2, input_size=None,
@@ -82,13 +90,39 @@ def initialise(module: torch.nn.Module, seed: int, table_std: float = 0.1) -> No
                 b.copy_(torch.randn(b.shape, generator=g).to(b.dtype) * 0.02)
 
 
+@functools.cache
+def gemma_tokenizer_model() -> bytes:
+    """A SentencePiece model (Gemma's special ids: pad 0, eos 1, bos 2, unk 3) over the words the tests prompt."""
+    import io
+
+    import sentencepiece
+
+    from concept_forge.nodes.host.text_side import LUMINA2_SYSTEM_PROMPT
+    from concept_forge.trainers.templates import OBJECT_TEMPLATES, STYLE_TEMPLATES
+
+    lines = [LUMINA2_SYSTEM_PROMPT + " <Prompt Start>", "dog cat red square on the beach in a room", "small blue"]
+    lines += [t.format("dog") for t in (*OBJECT_TEMPLATES, *STYLE_TEMPLATES)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines * 4), model_writer=model, vocab_size=GEMMA["vocab_size"], model_type="bpe",
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, minloglevel=2)
+    return model.getvalue()
+
+
+def tokenizer_data(arch: str) -> dict:
+    if arch != "lumina2":
+        return {}
+    return {"spiece_model": torch.frombuffer(bytearray(gemma_tokenizer_model()), dtype=torch.uint8)}
+
+
 def tiny_clip(arch: str = "sd1", embedding_directory: str | None = None, dtype: torch.dtype = torch.float32,
               seed: int = 0):
     tokenizer, model, options = CLIPS[arch]
     with torch.inference_mode():
         clip = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(tokenizer, model),
                              embedding_directory=[embedding_directory] if embedding_directory else None,
-                             model_options={**options, "dtype": dtype})
+                             tokenizer_data=tokenizer_data(arch), model_options={**options, "dtype": dtype})
         initialise(clip.cond_stage_model, seed)
     return clip
 
@@ -155,7 +189,23 @@ def tiny_flux_model(seed: int = 1):
                                             offload_device=mm.unet_offload_device())
 
 
-FLOW_MODELS = {"sd3": tiny_sd3_model, "flux": tiny_flux_model}
+def tiny_lumina2_model(seed: int = 1):
+    """A Lumina 2 NextDiT (flow matching, shift 6) in ComfyUI's classes; detection fixes its width at 2304, so the
+    tiny one is built from its config directly."""
+    config = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, cap_feat_dim=GEMMA["hidden_size"],
+                  n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=1, qk_norm=True, axes_dims=[8, 12, 12],
+                  axes_lens=[300, 512, 512], multiple_of=16)
+    lumina = comfy.supported_models.Lumina2(config)
+    lumina.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode():
+        base = lumina.get_model({})
+        initialise(base, seed)
+        base.diffusion_model.cap_embedder[1].weight.mul_(4)  # make the text matter, as for the UNets' attn2
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+FLOW_MODELS = {"sd3": tiny_sd3_model, "flux": tiny_flux_model, "lumina2": tiny_lumina2_model}
 
 
 def tiny_vae(seed: int = 2, latent_channels: int = 4):
