@@ -270,8 +270,8 @@ def parse_embedding(content: Any, label: str) -> tuple[Arch, dict[str, Tensor], 
     """Find the token vectors in a third-party embedding, in the order ComfyUI's own loader looks.
 
     Understands A1111 `.pt` (`string_to_param`), kohya/diffusers (`emb_params`, `{token: tensor}`), SDXL
-    (`clip_l` + `clip_g`), SD 3.5 (those + `t5xxl`), Flux.1 (`clip_l` + `t5xxl`) and Lumina 2 (`gemma2_2b`). Returns the architecture, the
-    vectors per encoder and what provenance the file carries.
+    (`clip_l` + `clip_g`), SD 3.5 (those + `t5xxl`), Flux.1 (`clip_l` + `t5xxl`) and Lumina 2 (`gemma2_2b`). Returns
+    the architecture, the vectors per encoder and what provenance the file carries.
     """
     if isinstance(content, Mapping) and "string_to_param" in content:
         params = content["string_to_param"]

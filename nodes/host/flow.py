@@ -1,5 +1,5 @@
-"""The denoiser side of the flow-matching families (SD 3.5, Flux.1, Lumina 2): ComfyUI's CONST sampling, where the noisy latent
-is x_t = σ·ε + (1 − σ)·x0 and the network predicts the velocity v = ε − x0 (docs/COMFYUI.md §2;
+"""The denoiser side of the flow-matching families (SD 3.5, Flux.1, Lumina 2): ComfyUI's CONST sampling, where the
+noisy latent is x_t = σ·ε + (1 − σ)·x0 and the network predicts the velocity v = ε − x0 (docs/COMFYUI.md §2;
 model_sampling.CONST).
 
 Time is drawn as SD 3's rectified-flow training draws it: t logit-normal (Esser et al. 2024, arXiv 2403.03206,

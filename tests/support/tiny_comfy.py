@@ -96,7 +96,6 @@ def gemma_tokenizer_model() -> bytes:
     import io
 
     import sentencepiece
-
     from concept_forge.nodes.host.text_side import LUMINA2_SYSTEM_PROMPT
     from concept_forge.trainers.templates import OBJECT_TEMPLATES, STYLE_TEMPLATES
 

@@ -239,7 +239,8 @@ def test_gradient_checkpointing_changes_nothing_but_memory(family):
             noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(5))
             prompts = [host.prepare_prompt("a photo of a {}", 1)] * 2
             cond = host.encode(prompts, vectors)
-            losses, kept = saved_for_backward(lambda: host.loss(latents, cond, noise, torch.tensor([300, 700])))
+            losses, kept = saved_for_backward(lambda h=host, x=latents, c=cond, n=noise:
+                                              h.loss(x, c, n, torch.tensor([300, 700])))
             losses.sum().backward()
             results.append((float(losses.sum().detach()), {k: v.grad.clone() for k, v in vectors.items()}, kept))
     (plain, plain_grads, plain_kept), (checkpointed, checkpointed_grads, checkpointed_kept) = results

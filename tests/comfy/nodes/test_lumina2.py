@@ -105,7 +105,7 @@ def test_the_loss_is_the_velocity_mse_each_prompt_at_its_own_length():
         assert abs(float(sigmas[host.num_timesteps // 2]) - 6 / 7) < 2e-3  # t = 0.5 through shift 6: 6t/(1 + 5t)
         latents = host.encode_images(tc.tiny_images(2))
         vectors = init_vectors(host, "dog")
-        prompts = [host.prepare_prompt("a photo of a {}", 1), host.prepare_prompt("a dark photo of the {} in a room", 1)]
+        prompts = [host.prepare_prompt(p, 1) for p in ("a photo of a {}", "a dark photo of the {} in a room")]
         cond = host.encode(prompts, vectors)
         assert cond.lengths[0] != cond.lengths[1]
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
