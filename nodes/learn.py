@@ -11,7 +11,7 @@ from ..trainers.concept import name_problem
 from ..trainers.methods import MODULES
 from .apply import apply_concepts
 from .catversion import residual_clip
-from .host import PRECISIONS
+from .host import PRECISIONS, TEXT_ENCODER_CHOICES, TEXT_ENCODERS_TOOLTIP
 from .plot import loss_plot
 from .training import NODE, Learned, LearnSettings, TrainingOptions, learn
 from .types import CATEGORY, OPTIONS_CATEGORY, ConceptIO, MethodOptionsIO, TrainingOptionsIO
@@ -205,19 +205,22 @@ class TrainingOptionsNode(io.ComfyNode):
                 io.Boolean.Input("resume", default=False, tooltip="Continue from that checkpoint instead of starting "
                                  "over: with the same settings and seed the result equals an uninterrupted run. "
                                  "Raise steps to extend a finished run."),
+                io.Combo.Input("text_encoders", options=list(TEXT_ENCODER_CHOICES), default="family default",
+                               optional=True, tooltip=TEXT_ENCODERS_TOOLTIP),
             ],
             outputs=[TrainingOptionsIO.Output("training_options", display_name="training_options",
                                               tooltip="Connect to Learn Concept.")],
         )
 
     @classmethod
-    def validate_inputs(cls, flip: str = "method default") -> bool | str:
-        return schema_problem(cls, "Training Options", flip=flip) or True
+    def validate_inputs(cls, flip: str = "method default", text_encoders: str = "family default") -> bool | str:
+        return schema_problem(cls, "Training Options", flip=flip, text_encoders=text_encoders) or True
 
     @classmethod
-    def execute(cls, gradient_accumulation, flip, scale_learning_rate, checkpoint_every, resume) -> io.NodeOutput:
+    def execute(cls, gradient_accumulation, flip, scale_learning_rate, checkpoint_every, resume,
+                text_encoders="family default") -> io.NodeOutput:
         return io.NodeOutput(TrainingOptions(gradient_accumulation, flip, scale_learning_rate, checkpoint_every,
-                                             resume))
+                                             resume, text_encoders))
 
 
 NODES = [LearnConcept, TrainingOptionsNode]

@@ -23,9 +23,9 @@ from ..trainers.loop import (
     scaled_learning_rate,
     train,
 )
-from ..trainers.methods import Method, create_method, method_options, method_prompts
+from ..trainers.methods import Method, create_method, freeze_encoders, method_options, method_prompts
 from ..trainers.templates import training_prompts
-from .host import SD_ONLY, ComfyHost, detect_arch
+from .host import SD_ONLY, ComfyHost, detect_arch, encoder_keys, frozen_encoders
 from .paths import STATE_FILE, checkpoint_dir, display_path, recovery_path
 from .progress import NodeProgress
 from .provenance import provenance
@@ -45,6 +45,7 @@ class TrainingOptions:
     scale_learning_rate: bool = True  # multiply by batch × accumulation, as every method's paper does
     checkpoint_every: int = 100       # steps between checkpoints in models/concepts/checkpoints/<name>/; 0: none
     resume: bool = False              # continue from that checkpoint
+    text_encoders: str = "family default"  # which encoders' vectors train (TEXT_ENCODER_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor | Sequence[torch
                          f"CLIP layers and UNet); for {ARCH_LABELS[arch]} choose ti, dti or batex.")
     try:
         options = method_options(s.method, s.method_options)
+        frozen = frozen_encoders(encoder_keys(clip), s.training.text_encoders, arch)
     except ValueError as e:
         raise ValueError(f"{node}: {e}") from e
     steps = s.steps or options.steps
@@ -135,12 +137,13 @@ def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor | Sequence[torch
                 prepare(f"setting up {s.method}")
                 method = (build(host, pixels) if build else
                           create_method(s.method, host, s.init_word, s.vectors, options, s.seed))  # type: ignore[arg-type]
+                freeze_encoders(method, frozen)
             except ValueError as e:
                 raise ValueError(f"{node}: {e}") from e
             record = provenance(prompt, node_id, method=s.method, init_word=s.init_word.strip(), steps=steps,
                                 learning_rate=lr, base_learning_rate=base_lr, batch_size=s.batch_size,
                                 gradient_accumulation=accum, resolution=resolution, seed=s.seed, images=len(pixels),
-                                prompts=s.prompts, precision=s.precision)
+                                prompts=s.prompts, precision=s.precision, text_encoders=s.training.text_encoders)
             loop = LoopOptions(steps=steps, learning_rate=lr, batch_size=s.batch_size, grad_accum=accum, seed=s.seed,
                                flip_p=flip_p, heldout_draws=HELDOUT_DRAWS,
                                checkpoint_every=s.training.checkpoint_every)

@@ -114,10 +114,15 @@ def run_fingerprint(method: Method, data: TrainingSet, options: LoopOptions) -> 
         return hashlib.sha256(b"".join(parts)).hexdigest()[:16]
 
     masks = b"" if data.masks is None else data.masks.detach().cpu().numpy().tobytes()
-    return {"method": method.name, "seed": options.seed, "learning_rate": options.learning_rate,
-            "batch_size": options.batch_size, "grad_accum": options.grad_accum, "flip_p": options.flip_p,
-            "images": digest(data.images.detach().cpu().numpy().tobytes(), masks),
-            "prompts": digest("\n".join(data.prompts).encode(), bytes([data.per_image]))}
+    fingerprint: dict[str, Any] = {"method": method.name, "seed": options.seed, "learning_rate": options.learning_rate,
+                                   "batch_size": options.batch_size, "grad_accum": options.grad_accum,
+                                   "flip_p": options.flip_p,
+                                   "images": digest(data.images.detach().cpu().numpy().tobytes(), masks),
+                                   "prompts": digest("\n".join(data.prompts).encode(), bytes([data.per_image]))}
+    frozen = [i for i, p in enumerate(method.parameters()) if not p.requires_grad]
+    if frozen:  # some encoders' vectors are held (freeze_encoders); absent otherwise, as in older checkpoints
+        fingerprint["frozen_parameters"] = frozen
+    return fingerprint
 
 
 class NonFiniteLoss(RuntimeError):

@@ -2,10 +2,20 @@
 
 from .comfy_host import PRECISIONS, ComfyHost
 from .embedding_lookup import tokenizer_with_lookup
-from .families import SD_ONLY, clip_arch, describe_clip, detect_arch, encoder_keys, model_arch
+from .families import (
+                       SD_ONLY,
+                       TEXT_ENCODER_CHOICES,
+                       TEXT_ENCODERS_TOOLTIP,
+                       clip_arch,
+                       describe_clip,
+                       detect_arch,
+                       encoder_keys,
+                       frozen_encoders,
+                       model_arch,
+)
 from .text_side import ComfyCond, conditioning_layers
 from .weight_offsets import ATTENTION_PROJECTIONS
 
-__all__ = ["ATTENTION_PROJECTIONS", "PRECISIONS", "SD_ONLY", "ComfyCond", "ComfyHost", "clip_arch",
-           "conditioning_layers", "describe_clip", "detect_arch", "encoder_keys", "model_arch",
-           "tokenizer_with_lookup"]
+__all__ = ["ATTENTION_PROJECTIONS", "PRECISIONS", "SD_ONLY", "TEXT_ENCODER_CHOICES", "TEXT_ENCODERS_TOOLTIP",
+           "ComfyCond", "ComfyHost", "clip_arch", "conditioning_layers", "describe_clip", "detect_arch",
+           "encoder_keys", "frozen_encoders", "model_arch", "tokenizer_with_lookup"]

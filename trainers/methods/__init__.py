@@ -13,9 +13,10 @@ from typing import Any
 from ..concept import Method as MethodName
 from ..host import Host
 from . import batex, catversion, dti, ti, tuning_encoder
-from .base import Method, init_vectors
+from .base import Method, freeze_encoders, init_vectors
 
-__all__ = ["Method", "MODULES", "create_method", "init_vectors", "method_options", "method_prompts"]
+__all__ = ["Method", "MODULES", "create_method", "freeze_encoders", "init_vectors", "method_options",
+           "method_prompts"]
 
 MODULES: dict[str, ModuleType] = {"ti": ti, "dti": dti, "batex": batex, "catversion": catversion,
                                   "tuning_encoder": tuning_encoder}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 import torch
 from torch import Tensor
@@ -73,3 +73,33 @@ def init_vectors(host: Host, init_word: str, num_vectors: int = 0) -> dict[str, 
         table = host.vocabulary(key)
         out[key] = table[rows.to(table.device)].to(host.device, torch.float32)  # [n, d]
     return out
+
+
+def freeze_encoders(method: Method, keys: Iterable[str]) -> None:
+    """Keep the vectors of the text encoders `keys` at their initial values: the parameters those vectors are
+    made of stop taking gradients, so their encoders run without autograd (no activations kept for T5 or an LLM)
+    and the concept still carries a vector for every encoder.
+
+    Which parameters make which encoder's vectors is read from the autograd graph, so every method is frozen the
+    same way, whatever its parameterization.
+    """
+    keys = set(keys)
+    if not keys:
+        return
+    vectors = method.vectors()
+    if not keys < set(vectors):
+        raise ValueError(f"cannot freeze {sorted(keys)}: the method has vectors for {sorted(vectors)} and at least "
+                         "one encoder must train.")
+    params = [p for p in method.parameters() if p.requires_grad]
+
+    def reached(chosen: Iterable[str]) -> set[int]:
+        total = torch.stack([vectors[k].sum() for k in chosen]).sum()
+        grads = torch.autograd.grad(total, params, allow_unused=True, retain_graph=True)
+        return {id(p) for p, g in zip(params, grads, strict=True) if g is not None}
+
+    frozen, trained = reached(keys), reached(set(vectors) - keys)
+    if frozen & trained:
+        raise ValueError(f"the {method.name} method shares parameters between encoders; it cannot train only some.")
+    for p in params:
+        if id(p) in frozen:
+            p.requires_grad_(False)

@@ -247,3 +247,25 @@ def test_gradient_checkpointing_changes_nothing_but_memory(family):
     assert plain == checkpointed
     assert all(torch.allclose(plain_grads[k], checkpointed_grads[k], rtol=1e-5, atol=1e-9) for k in plain_grads)
     assert checkpointed_kept < 0.8 * plain_kept  # the blocks' activations are recomputed, not kept
+
+
+def test_text_encoders_clip_only_keeps_t5_at_the_init_words_vectors(model_folders):
+    from concept_forge.nodes.training import TrainingOptions
+
+    model, clip, vae = models("flux")
+    concept = run_node(LearnConcept, model=model, clip=clip, vae=vae, images=tc.tiny_images(), name="my_dog",
+                       init_word="dog", method="ti", steps=3, learning_rate=0.05, batch_size=2, vectors=0,
+                       resolution=64, prompts="object", seed=1, precision="auto", gradient_checkpointing=False,
+                       training_options=TrainingOptions(checkpoint_every=0, text_encoders="CLIP only")).args[0]
+    a, b = training()
+    with a, b, ComfyHost(model, clip, vae, "flux") as host:
+        start = init_vectors(host, "dog")
+    assert torch.equal(concept.vectors["t5xxl"], start["t5xxl"].cpu())
+    assert (concept.vectors["l"] - start["l"].cpu()).abs().max() > 1e-4
+    assert concept.provenance["text_encoders"] == "CLIP only"
+    with pytest.raises(ValueError, match="Learn Concept: text_encoders is 'T5 / LLM only' but SDXL has no such "
+                                         "encoder; choose family default"):
+        run_node(LearnConcept, model=tc.tiny_model("sdxl"), clip=tc.tiny_clip("sdxl"), vae=tc.tiny_vae(),
+                 images=tc.tiny_images(), name="my_dog", init_word="dog", method="ti", steps=1, learning_rate=0.0,
+                 batch_size=2, vectors=0, resolution=64, prompts="object", seed=1, precision="auto",
+                 gradient_checkpointing=False, training_options=TrainingOptions(text_encoders="T5 / LLM only"))
