@@ -1,5 +1,5 @@
 """Lumina 2, the LLM-conditioned family, on ComfyUI's own classes at tiny sizes: Gemma-2 conditions a NextDiT trained by
-flow matching. Stock ComfyUI resolves no `embedding:` for Gemma, so a concept reaches prompts through Apply Concept's
+flow matching. Stock ComfyUI resolves no `embedding:` for Gemma, so a concept reaches prompts through Apply DTI Token's
 CLIP; with it, Lumina 2's own prompt node (system prompt first) gives exactly the conditioning the concept trained
 with."""
 
@@ -11,6 +11,7 @@ tc = require_comfyui()
 
 from comfy_extras.nodes_lumina2 import CLIPTextEncodeLumina2  # noqa: E402
 from concept_forge.nodes.apply import apply_concepts  # noqa: E402
+from concept_forge.nodes.dti import ApplyDTIToken  # noqa: E402
 from concept_forge.nodes.files import SaveConcept  # noqa: E402
 from concept_forge.nodes.host import ComfyHost, detect_arch  # noqa: E402
 from concept_forge.nodes.learn import LearnConcept  # noqa: E402
@@ -54,7 +55,7 @@ def test_lumina2_is_recognised_and_refused_beside_another_family():
         apply_concepts(tc.tiny_clip("sdxl"), [Concept("my_dog", "ti", "lumina2", random_vectors())], "Apply")
 
 
-def test_training_conditioning_equals_lumina2s_prompt_node_through_apply_concept():
+def test_training_conditioning_equals_lumina2s_prompt_node_on_a_clip_with_the_concept():
     model, clip, vae = models()
     vectors = random_vectors()
     applied = apply_concepts(clip, [Concept("my_dog", "ti", "lumina2", vectors)], "test")
@@ -67,7 +68,7 @@ def test_training_conditioning_equals_lumina2s_prompt_node_through_apply_concept
     assert stock.shape == cond.cross_attn.shape and extra["attention_mask"].shape == stock.shape[:2]
     assert (cond.cross_attn - stock).abs().max() < 1e-5
     assert (moved.cross_attn - stock).abs().max() > 1e-3  # the vectors are in it
-    # without Apply Concept, `embedding:` is plain text to Gemma's tokenizer, whatever the embeddings folder holds
+    # without the pack's CLIP, `embedding:` is plain text to Gemma's tokenizer, whatever the embeddings folder holds
     plain, _ = lumina_encode(clip, "a photo of embedding:my_dog on the beach")
     assert plain.shape != stock.shape or (plain - stock).abs().max() > 1e-3
 
@@ -147,8 +148,8 @@ def test_a_learned_concept_saves_loads_and_applies_with_the_conditioning_it_trai
     assert {k: tuple(v.shape) for k, v in load_file(path).items()} == {"gemma2_2b": (1, WIDTH)}
     loaded = read_concept(path)
     assert loaded.arch == "lumina2" and torch.equal(loaded.vectors["gemma2_2b"], concept.vectors["gemma2_2b"])
-    applied = apply_concepts(clip, [loaded], "Apply Concept")
-    for clip_with_concept in (applied, concept_clip):  # Apply Concept's CLIP, and Learn Concept's own
+    applied = run_node(ApplyDTIToken, clip=clip, concept=loaded, strength=1.0, magnitude="keep").args[0]
+    for clip_with_concept in (applied, concept_clip):  # Apply DTI Token's CLIP, and Learn Concept's own
         ours, _ = lumina_encode(clip_with_concept, "a photo of embedding:my_dog")
         a, b = training()
         with a, b, ComfyHost(model, clip, vae, "lumina2") as host:
