@@ -2,11 +2,12 @@
 
     python tools/run_workflow.py example_workflows/learn_concept_ti.json --demo
 
-`--demo` runs in the demo folder (`demo_folder()`), where a small random-weight SD 1.5-layout
-checkpoint and four demo images are built on the first run and reused after, and shrinks the heavy settings
-(steps, resolution), so a run takes well under a minute on a CPU; `--clean-demo` deletes that folder. Without
-`--demo` the workflow runs as saved, against the models of the ComfyUI at --comfyui (or $COMFYUI_PATH). Every file
-a run writes is printed with its absolute path.
+`--demo` runs in the demo folder (`demo_folder()`), where a small random-weight SD 1.5-layout checkpoint (for a
+SD 3.5, Flux.1 or Lumina 2 workflow, that family's small demo file, which the stock loaders build from while the demo
+runs: nodes/demo_families.py) and four demo images are built on the first run and reused after, and shrinks the heavy
+settings (steps, resolution), so a run takes well under a minute on a CPU; `--clean-demo` deletes that folder.
+Without `--demo` the workflow runs as saved, against the models of the ComfyUI at --comfyui (or $COMFYUI_PATH). Every
+file a run writes is printed with its absolute path.
 
 Only the standard library is imported at module level: ComfyUI must be configured (CPU mode, base folder) before
 any of its modules load.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -24,7 +26,10 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..trainers.concept import Arch
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 LEARN = "ConceptForgeLearnConcept"
@@ -36,6 +41,7 @@ DEMO_SETTINGS = {
     "ConceptForgeSaveConcept": {"overwrite": True},
     "ConceptForgeTuningEncoder": {"tuning_steps": 4, "resolution": 64},
     "EmptyLatentImage": {"width": 64, "height": 64},
+    "EmptySD3LatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 4},
 }
 
@@ -105,10 +111,15 @@ def apply_overrides(prompt: dict[str, Any], overrides: dict[str, dict[str, Any]]
 
 
 def demo_overrides(prompt: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The --demo changes: the demo checkpoint and images, and settings small enough for a CPU."""
+    """The --demo changes: the demo checkpoint (or a flow family's demo files) and images, and settings small enough
+    for a CPU."""
     from .demo import DEMO_CHECKPOINT, DEMO_EMBEDDING, DEMO_IMAGES
+    from .demo_families import demo_family, demo_file_overrides
 
     overrides = {kind: dict(values) for kind, values in DEMO_SETTINGS.items()}
+    family = demo_family(prompt)
+    if family:
+        overrides.update(demo_file_overrides(family))
     overrides["CheckpointLoaderSimple"] = {"ckpt_name": DEMO_CHECKPOINT}
     overrides["ConceptForgeLoadConcept"] = {"file": f"embeddings/{DEMO_EMBEDDING}"}
     loaders = sorted((k for k, v in prompt.items() if v["class_type"] == "LoadImage"), key=int)
@@ -201,6 +212,7 @@ def run(ns: argparse.Namespace) -> int:
 
     import nodes
 
+    from .demo_families import demo_family, family_demo_loaders
     from .workflow_api import is_api_prompt, workflow_to_prompt
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
@@ -210,12 +222,11 @@ def run(ns: argparse.Namespace) -> int:
 
     overrides = parse_overrides(ns.overrides)
     before = written_files()
-    if ns.demo:
-        prepare_demo()
     classes = nodes.NODE_CLASS_MAPPINGS
     prompt = workflow if is_api_prompt(workflow) else workflow_to_prompt(
         workflow, lambda kind: classes[kind].INPUT_TYPES() if kind in classes else None)
     if ns.demo:
+        prepare_demo(demo_family(prompt))
         overrides = merge_overrides(demo_overrides(prompt), overrides)
     if ns.checkpoint:
         overrides.setdefault("CheckpointLoaderSimple", {})["ckpt_name"] = ns.checkpoint
@@ -238,7 +249,8 @@ def run(ns: argparse.Namespace) -> int:
     comfy.utils.set_progress_bar_global_hook(terminal.progress)
     executor = execution.PromptExecutor(terminal, cache_type=execution.CacheType.CLASSIC, **executor_cache_args())
     start = time.perf_counter()
-    executor.execute(prompt, prompt_id, {}, outputs)
+    with family_demo_loaders() if ns.demo else contextlib.nullcontext():
+        executor.execute(prompt, prompt_id, {}, outputs)
     elapsed = time.perf_counter() - start
 
     if not executor.success:
@@ -273,19 +285,28 @@ def executor_cache_args() -> dict[str, Any]:
     return {}
 
 
-def prepare_demo() -> None:
-    """The demo checkpoint, images and embedding in the base folder: built once, then reused."""
+def prepare_demo(family: Arch | None) -> None:
+    """The demo checkpoint (or the flow family's demo file and VAEs), images and embedding in the base folder: built
+    once, then reused."""
     import folder_paths
 
     from .demo import DEMO_CHECKPOINT, write_demo_checkpoint, write_demo_embedding, write_demo_images
+    from .demo_families import FAMILY_DEMO_FILES, write_demo_vaes, write_family_demo
 
-    checkpoint = Path(folder_paths.get_folder_paths("checkpoints")[0]) / DEMO_CHECKPOINT
-    if checkpoint.exists():
-        print(f"demo checkpoint: {checkpoint} (built earlier; --clean-demo deletes it)")
+    if family:
+        folder = Path(folder_paths.get_folder_paths("diffusion_models")[0])
+        folder_paths.add_model_folder_path("text_encoders", str(folder))  # the one file holds its text encoders too
+        path, write = folder / FAMILY_DEMO_FILES[family], lambda p: write_family_demo(p.parent, family)
+        write_demo_vaes(folder_paths.get_folder_paths("vae_approx")[0])
+    else:
+        path = Path(folder_paths.get_folder_paths("checkpoints")[0]) / DEMO_CHECKPOINT
+        write = write_demo_checkpoint
+    if path.exists():
+        print(f"demo checkpoint: {path} (built earlier; --clean-demo deletes it)")
     else:
         start = time.perf_counter()
-        write_demo_checkpoint(checkpoint)
-        print(f"demo checkpoint: {checkpoint} (built in {time.perf_counter() - start:.0f} s, kept for the next runs)")
+        write(path)
+        print(f"demo checkpoint: {path} (built in {time.perf_counter() - start:.0f} s, kept for the next runs)")
     write_demo_embedding(folder_paths.get_folder_paths("embeddings")[0])
     write_demo_images(folder_paths.get_input_directory())
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..trainers.concept import name_problem
+from ..trainers.concept import ARCH_LABELS, name_problem
 from ..trainers.methods import MODULES
 from .apply import apply_concepts
 from .catversion import residual_clip
@@ -26,7 +26,7 @@ def summary(learned: Learned) -> str:
     p = c.provenance
     # CatVersion learns no token vectors: its report line says what it trained instead
     learns = "" if c.method == "catversion" else f"{c.num_vectors} vector(s) per encoder, "
-    lines = [f"{c.name}: {c.method.upper()} on {c.arch}, {learns}{p['steps']} steps at learning rate "
+    lines = [f"{c.name}: {c.method.upper()} on {ARCH_LABELS[c.arch]}, {learns}{p['steps']} steps at learning rate "
              f"{learned.learning_rate:g} ({p['base_learning_rate']:g} per sample), {learned.resolution} px.",
              f"Training loss {r.losses[0]:.4f} → {r.losses[-1]:.4f}."]
     if r.heldout_before is not None and r.heldout_after is not None:

@@ -9,6 +9,7 @@ right when a node gains an input. Needs ComfyUI: COMFYUI_PATH=/path/to/ComfyUI p
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import json
 import os
@@ -263,10 +264,82 @@ def concept_slerp(g: Graph) -> None:
     g.node("SaveImage", (4080, 20), images=(row, 0), filename_prefix="concept_forge/slerp_row")
 
 
+FAMILY_NOTES = {
+    "flux": """## Learn a concept on Flux.1
+
+Flux.1 dev or schnell, loaded as its parts: the transformer, CLIP-L + T5-XXL, and its VAE. Learn Concept trains
+a T5 vector (what conditions the image) and a CLIP-L vector (the pooled one) with Flux's own flow-matching loss at
+guidance 3.5. Turn on gradient_checkpointing on a 24 GB card; Training Options' text_encoders = CLIP only saves
+the backward pass through T5.
+
+Save Concept writes `clip_l` + `t5xxl`: stock `embedding:my_dog` works in any Flux workflow. Sample at CFG 1
+with Flux Guidance, as usual for dev.""",
+    "sd3": """## Learn a concept on SD 3.5
+
+SD 3.5 Large or Medium, loaded as its parts: the MMDiT, CLIP-L + CLIP-G + T5-XXL, and its VAE. Learn Concept
+trains a vector for each of the three encoders with SD 3's own flow-matching loss (logit-normal times through the
+model's shift). A checkpoint without T5 works too.
+
+Save Concept writes `clip_l` + `clip_g` + `t5xxl`: stock `embedding:my_dog` works in any SD 3.5 workflow.""",
+    "lumina2": """## Learn a concept on Lumina 2
+
+Lumina Image 2.0, loaded as its parts: the NextDiT, Gemma-2-2B, and Flux's VAE. Learn Concept trains a Gemma
+vector on the prompts CLIP Text Encode for Lumina2 sends (its system prompt first).
+
+Stock ComfyUI resolves no `embedding:` for Gemma: use the concept through a CLIP that has it — Learn Concept's
+own clip output, as here, or Load Concept → Apply DTI Token in any later workflow. Save Concept writes
+`gemma2_2b`.""",
+}
+# each family as people load it: the model file, the text encoders' loader and files, the VAE, and the sampler
+FAMILY_FILES = {"flux": ("flux1-dev.safetensors", ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors",
+                                                                      "clip_name2": "t5xxl_fp16.safetensors",
+                                                                      "type": "flux"}), "ae.safetensors"),
+                "sd3": ("sd3.5_medium.safetensors", ("TripleCLIPLoader", {"clip_name1": "clip_l.safetensors",
+                                                                          "clip_name2": "clip_g.safetensors",
+                                                                          "clip_name3": "t5xxl_fp16.safetensors"}),
+                        "sd35_vae.safetensors"),
+                "lumina2": ("lumina_2_model_bf16.safetensors",
+                            ("CLIPLoader", {"clip_name": "gemma_2_2b_fp16.safetensors", "type": "lumina2"}),
+                            "ae.safetensors")}
+SAMPLING = {"flux": dict(cfg=1.0, sampler_name="euler", scheduler="simple", steps=20),
+            "sd3": dict(cfg=4.5, sampler_name="euler", scheduler="sgm_uniform", steps=28),
+            "lumina2": dict(cfg=4.0, sampler_name="res_multistep", scheduler="simple", steps=25)}
+
+
+def learn_concept_family(g: Graph, family: str) -> None:
+    """Learn Concept on a flow family's parts, Save Concept, and the family's own text → image graph."""
+    model_file, (clip_loader, clip_files), vae_file = FAMILY_FILES[family]
+    g.note(FAMILY_NOTES[family], (20, 20))
+    model = g.node("UNETLoader", (20, 310), unet_name=model_file)
+    clip = g.node(clip_loader, (20, 450), **clip_files)
+    vae = g.node("VAELoader", (20, 640), vae_name=vae_file)
+    batch = image_batch(g, [f"my_dog_{i}.png" for i in range(1, 5)], 450, 20)
+    learn = g.node("ConceptForgeLearnConcept", (1480, 40), model=(model, 0), clip=(clip, 0), vae=(vae, 0),
+                   images=(batch, 0), name="my_dog", init_word="dog", method="ti", steps=400,
+                   gradient_checkpointing=True)
+    g.node("ConceptForgeSaveConcept", (1480, 1120), concept=(learn, 0))
+    text, x = "a photo of embedding:my_dog on the beach", 1880
+    if family == "lumina2":  # its own prompt node: the system prompt, then the user's prompt
+        positive = g.node("CLIPTextEncodeLumina2", (x, 40), clip=(learn, 1), user_prompt=text)
+        negative = g.node("CLIPTextEncodeLumina2", (x, 240), clip=(learn, 1), user_prompt="blurry, low quality")
+    else:
+        positive = g.node("CLIPTextEncode", (x, 40), clip=(learn, 1), text=text)
+        negative = g.node("CLIPTextEncode", (x, 240), clip=(learn, 1), text="")
+    if family == "flux":
+        positive = g.node("FluxGuidance", (x, 440), conditioning=(positive, 0), guidance=3.5)
+    latent = g.node("EmptySD3LatentImage", (x, 560), width=1024, height=1024, batch_size=1)
+    sampled = g.node("KSampler", (x + 440, 40), model=(model, 0), positive=(positive, 0), negative=(negative, 0),
+                     latent_image=(latent, 0), seed=42, **SAMPLING[family])
+    decoded = g.node("VAEDecode", (x + 800, 40), samples=(sampled, 0), vae=(vae, 0))
+    g.node("SaveImage", (x + 800, 160), images=(decoded, 0), filename_prefix=f"concept_forge/my_dog_{family}")
+
+
 WORKFLOWS = {"learn_concept_ti": learn_concept_ti, "learn_concept_dti": learn_concept_dti,
              "learn_concept_batex": learn_concept_batex,
              "learn_concept_catversion": learn_concept_catversion, "concept_slerp": concept_slerp,
-             "concept_tools": concept_tools, "one_image_personalization": one_image_personalization}
+             "concept_tools": concept_tools, "one_image_personalization": one_image_personalization,
+             **{f"learn_concept_{family}": functools.partial(learn_concept_family, family=family)
+                for family in FAMILY_FILES}}
 
 
 def main() -> None:

@@ -151,9 +151,10 @@ class Canvas:
         self.draw.polygon([(x1 + 4, y), (x1 - 8, y - 7), (x1 - 8, y + 7)], fill=TEXT)
 
 
-def before_after(title: str, left: list[torch.Tensor] | str, left_label: str, right: list[torch.Tensor],
+def before_after(title: str, left: list[torch.Tensor] | str, left_label: str, right: list[torch.Tensor] | str,
                  right_label: str, caption: str) -> Any:
-    """On the left up to four images (the references) or a text, an arrow, four generated images on the right."""
+    """On the left up to four images (the references) or a text, an arrow, on the right four generated images (or a
+    text)."""
     canvas = Canvas(title)
     tile, top = 100, 96
     grid = 2 * tile + 4
@@ -161,7 +162,10 @@ def before_after(title: str, left: list[torch.Tensor] | str, left_label: str, ri
         canvas.paragraph(left, 24, top, grid)
     else:
         canvas.grid(left, 24, top, grid if len(left) == 1 else tile)   # a single reference fills the grid's square
-    canvas.grid(right, SIZE[0] - 24 - grid, top, tile)
+    if isinstance(right, str):
+        canvas.paragraph(right, SIZE[0] - 24 - grid, top, grid)
+    else:
+        canvas.grid(right, SIZE[0] - 24 - grid, top, tile)
     canvas.arrow(24 + grid + 12, SIZE[0] - 24 - grid - 16, top + grid // 2)
     canvas.text(left_label, (24 + grid // 2, top - 14))
     canvas.text(right_label, (SIZE[0] - 24 - grid // 2, top - 14))
@@ -263,11 +267,30 @@ def one_image_personalization() -> Any:
                         "no encoder weights: it starts from the class word and learns little")
 
 
+# The flow families' graphs, drawn as what they wire and write: the toy world is a UNet family, and a demo run of
+# these graphs (random weights) would draw nothing worth showing.
+FAMILY_CARDS = {
+    "flux": ("Flux.1 · Learn Concept", "Load Diffusion Model\nDualCLIPLoader (flux):\n  clip_l, t5xxl\nLoad VAE\n"
+             "4 references", "Save Concept:\n  clip_l + t5xxl\n\nembedding:my_dog\nFlux Guidance 3.5\nKSampler CFG 1"),
+    "sd3": ("SD 3.5 · Learn Concept", "Load Diffusion Model\nTripleCLIPLoader:\n  clip_l, clip_g, t5xxl\nLoad VAE\n"
+            "4 references", "Save Concept:\n  clip_l + clip_g\n  + t5xxl\n\nembedding:my_dog\nKSampler CFG 4.5"),
+    "lumina2": ("Lumina 2 · Learn Concept", "Load Diffusion Model\nLoad CLIP (lumina2):\n  Gemma-2-2B\nLoad VAE\n"
+                "4 references", "Save Concept: gemma2_2b\n\nLearn Concept's clip\n(or Apply DTI Token)\n"
+                "embedding:my_dog in\nCLIP Text Encode\nfor Lumina2"),
+}
+
+
+def family_card(family: str) -> Any:
+    title, graph, result = FAMILY_CARDS[family]
+    return before_after(title, graph, "the graph", result, "what it writes", "flow matching on the family's own loss")
+
+
 WORKFLOWS: dict[str, Callable[[], Any]] = {
     "learn_concept_ti": lambda: learn_and_generate("ti"), "learn_concept_dti": lambda: learn_and_generate("dti"),
     "learn_concept_batex": lambda: learn_and_generate("batex"), "learn_concept_catversion": learn_concept_catversion,
     "concept_slerp": concept_slerp, "concept_tools": concept_tools,
-    "one_image_personalization": one_image_personalization}
+    "one_image_personalization": one_image_personalization,
+    **{f"learn_concept_{family}": functools.partial(family_card, family) for family in FAMILY_CARDS}}
 
 
 def scratch_folders(scratch: Path) -> None:

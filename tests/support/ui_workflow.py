@@ -7,10 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from concept_forge.nodes.demo_families import FAMILY_DEMO_FILES
 from concept_forge.nodes.headless import apply_overrides, demo_overrides, merge_overrides
 from concept_forge.nodes.workflow_api import widgets, workflow_to_prompt
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
+# the flow families' workflows: their small demo models are built by the headless runner's --demo, which a server
+# cannot do (the stock loaders build these families at full size), so the runner's tests run them
+FAMILY_WORKFLOWS = [p for p in WORKFLOWS if p.stem in {f"learn_concept_{f}" for f in FAMILY_DEMO_FILES}]
 
 
 def api_prompt(path: Path, object_info: dict[str, Any], **changes: dict[str, Any]) -> dict[str, Any]:

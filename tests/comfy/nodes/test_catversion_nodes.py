@@ -125,7 +125,7 @@ def test_learn_concept_trains_only_the_residuals_and_saves_and_loads_bit_exactly
     assert all(torch.equal(v, weights[k]) for k, v in clip.cond_stage_model.state_dict().items())
     assert not torch.allclose(encode(learned_clip)[0], encode(clip)[0])   # its CLIP output carries the residual
     summary = ui_text(out)
-    assert summary.startswith("teddy: CATVERSION on sd1, 4 steps") and "vector(s)" not in summary
+    assert summary.startswith("teddy: CATVERSION on SD 1.x, 4 steps") and "vector(s)" not in summary
     assert "Residual keys and values on clip_l layers 1–2: 128 numbers trained." in summary
     run_node(SaveConcept, concept=learned, name="", overwrite=False)
     assert (model_folders / "concepts" / "teddy.safetensors").exists()

@@ -10,6 +10,7 @@ from comfy_tier import require_comfyui, run_node
 tc = require_comfyui()
 
 from concept_forge.nodes.apply import apply_concepts, encoder_tables  # noqa: E402
+from concept_forge.nodes.demo_families import T5_FLUX  # noqa: E402
 from concept_forge.nodes.dti import prepared_for_clip  # noqa: E402
 from concept_forge.nodes.files import SaveConcept  # noqa: E402
 from concept_forge.nodes.host import ComfyHost, detect_arch  # noqa: E402
@@ -25,10 +26,10 @@ from concept_forge.trainers.templates import OBJECT_TEMPLATES  # noqa: E402
 
 FAMILIES = ["sd3", "flux"]
 L, G = tc.TE_L["hidden_size"], tc.TE_G["hidden_size"]
-WIDTHS = {"sd3": {"l": L, "g": G, "t5xxl": 4096}, "flux": {"l": L, "t5xxl": tc.T5_FLUX["d_model"]}}
+WIDTHS = {"sd3": {"l": L, "g": G, "t5xxl": 4096}, "flux": {"l": L, "t5xxl": T5_FLUX["d_model"]}}
 # the stock conditioning's shapes for one short prompt: SD 3.5 [CLIP-L | CLIP-G] padded to 4096 over 77 tokens, then
 # T5's 77; Flux T5's 256 tokens alone. Pooled: [CLIP-L | CLIP-G], or CLIP-L's.
-STOCK_SHAPES = {"sd3": ((1, 154, 4096), (1, L + G)), "flux": ((1, 256, tc.T5_FLUX["d_model"]), (1, L))}
+STOCK_SHAPES = {"sd3": ((1, 154, 4096), (1, L + G)), "flux": ((1, 256, T5_FLUX["d_model"]), (1, L))}
 T5_TOKENS = {"sd3": slice(77, None), "flux": slice(None)}   # where T5's tokens are in the conditioning
 # the median time t = 0.5 through each model's shift: SD 3.5's 3·t / (1 + 2·t), Flux's e^1.15 / (e^1.15 + 1/t − 1)
 MEDIAN_SIGMA = {"sd3": 0.75, "flux": 0.7595}

@@ -11,6 +11,7 @@ tc = require_comfyui()
 
 from comfy_extras.nodes_lumina2 import CLIPTextEncodeLumina2  # noqa: E402
 from concept_forge.nodes.apply import apply_concepts  # noqa: E402
+from concept_forge.nodes.demo_families import GEMMA  # noqa: E402
 from concept_forge.nodes.dti import ApplyDTIToken  # noqa: E402
 from concept_forge.nodes.files import SaveConcept  # noqa: E402
 from concept_forge.nodes.host import ComfyHost, detect_arch  # noqa: E402
@@ -23,7 +24,7 @@ from concept_forge.trainers.methods.dti import vocabulary_magnitude  # noqa: E40
 from concept_forge.trainers.methods.ti import TextualInversion  # noqa: E402
 from concept_forge.trainers.templates import OBJECT_TEMPLATES  # noqa: E402
 
-WIDTH = tc.GEMMA["hidden_size"]
+WIDTH = GEMMA["hidden_size"]
 
 
 def models():
