@@ -270,7 +270,8 @@ def parse_embedding(content: Any, label: str) -> tuple[Arch, dict[str, Tensor], 
     """Find the token vectors in a third-party embedding, in the order ComfyUI's own loader looks.
 
     Understands A1111 `.pt` (`string_to_param`), kohya/diffusers (`emb_params`, `{token: tensor}`), SDXL
-    (`clip_l` + `clip_g`), SD 3.5 (those + `t5xxl`), Flux.1 (`clip_l` + `t5xxl`) and Lumina 2 (`gemma2_2b`). Returns
+    (`clip_l` + `clip_g`), SD 3.5 (those + `t5xxl`), Flux.1 (`clip_l` + `t5xxl`, or diffusers' `clip_l` + `t5`) and
+    Lumina 2 (`gemma2_2b`). Returns
     the architecture, the vectors per encoder and what provenance the file carries.
     """
     if isinstance(content, Mapping) and "string_to_param" in content:
@@ -283,12 +284,18 @@ def parse_embedding(content: Any, label: str) -> tuple[Arch, dict[str, Tensor], 
     if not isinstance(content, Mapping):
         raise ValueError(f"{label}: expected a dict of tensors, got {type(content).__name__}.")
     tensors = {k: v for k, v in content.items() if isinstance(v, Tensor)}
+    provenance: dict[str, Any] = {}
+    if "t5" in tensors and "t5xxl" not in tensors and "clip_l" in tensors:
+        # diffusers' Flux pivotal tuning (train_dreambooth_lora_flux_advanced.py) keys T5's vectors "t5"; ComfyUI's
+        # tokenizer reads "t5xxl", so Save Concept writes them back under that key
+        tensors["t5xxl"] = tensors.pop("t5")
+        provenance["source_format"] = "diffusers Flux embeddings (clip_l + t5)"
     families: tuple[tuple[Arch, set[str]], ...] = (("sd3", {"clip_l", "clip_g", "t5xxl"}),
                                                     ("sdxl", {"clip_l", "clip_g"}), ("flux", {"clip_l", "t5xxl"}),
                                                     ("lumina2", {"gemma2_2b"}))
     for arch, keys in families:  # the family whose encoder keys the file holds, the most specific first
         if keys <= tensors.keys():
-            return arch, {k: _as_matrix(tensors[ENCODER_NAMES[k]], label) for k in ARCH_ENCODERS[arch]}, {}
+            return arch, {k: _as_matrix(tensors[ENCODER_NAMES[k]], label) for k in ARCH_ENCODERS[arch]}, provenance
     for key in ("clip_h", "emb_params", "clip_l"):
         if key in tensors:
             return (*_single_encoder(_as_matrix(tensors[key], label), label), {})

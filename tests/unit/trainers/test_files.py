@@ -117,17 +117,27 @@ def test_sdxl_third_party(tmp_path):
 
 
 @pytest.mark.parametrize("arch, widths", [("sd3", {"l": 768, "g": 1280, "t5xxl": 4096}),
-                                          ("flux", {"l": 768, "t5xxl": 4096})])
-def test_flow_family_files_hold_the_keys_comfyuis_tokenizers_read_and_round_trip(tmp_path, arch, widths):
+                                          ("flux", {"l": 768, "t5xxl": 4096}), ("lumina2", {"gemma2_2b": 2304})])
+def test_family_files_hold_the_keys_comfyuis_tokenizers_read_and_round_trip(tmp_path, arch, widths):
     vectors = {k: torch.full((2, w), float(i + 1)) for i, (k, w) in enumerate(widths.items())}
     path = save_concept(Concept("x", "ti", arch, vectors), tmp_path / "x.safetensors")
-    names = {"l": "clip_l", "g": "clip_g", "t5xxl": "t5xxl"}
+    names = {"l": "clip_l", "g": "clip_g", "t5xxl": "t5xxl", "gemma2_2b": "gemma2_2b"}
     assert file_keys(path)[0] == {names[k]: (2, w) for k, w in widths.items()}
     back = read_concept(path)
     assert back.arch == arch and all(torch.equal(back.vectors[k], v) for k, v in vectors.items())
     # the same tensors without the pack's metadata (another tool's file) read as the same family
     save_file({names[k]: v for k, v in vectors.items()}, str(tmp_path / "plain.safetensors"))
     assert read_concept(tmp_path / "plain.safetensors").arch == arch
+
+
+def test_diffusers_flux_embeddings_load_as_flux_and_save_under_the_key_comfyui_reads(tmp_path):
+    # train_dreambooth_lora_flux_advanced.py writes T5's vectors under "t5", which stock ComfyUI does not read
+    save_file({"clip_l": torch.ones(2, 768), "t5": torch.full((2, 4096), 2.0)}, str(tmp_path / "emb.safetensors"))
+    c = read_concept(tmp_path / "emb.safetensors")
+    assert c.arch == "flux" and torch.equal(c.vectors["t5xxl"], torch.full((2, 4096), 2.0))
+    assert "diffusers" in c.provenance["source_format"]
+    saved = save_concept(c, tmp_path / "fixed.safetensors")
+    assert file_keys(saved)[0] == {"clip_l": (2, 768), "t5xxl": (2, 4096)}
 
 
 def test_unknown_width_names_the_widths_it_expects(tmp_path):
