@@ -278,9 +278,8 @@ def parse_embedding(content: Any, label: str) -> tuple[Arch, dict[str, Tensor], 
         params = content["string_to_param"]
         if not isinstance(params, (Mapping, torch.nn.ParameterDict)) or not len(params):
             raise ValueError(f"{label}: its string_to_param holds no vectors.")
-        provenance = {k: content[k] for k in ("name", "step", "sd_checkpoint_name")
-                      if isinstance(content.get(k), (str, int))}
-        return (*_single_encoder(_as_matrix(next(iter(params.values())), label), label), provenance)
+        a1111 = {k: content[k] for k in ("name", "step", "sd_checkpoint_name") if isinstance(content.get(k), (str, int))}
+        return (*_single_encoder(_as_matrix(next(iter(params.values())), label), label), a1111)
     if not isinstance(content, Mapping):
         raise ValueError(f"{label}: expected a dict of tensors, got {type(content).__name__}.")
     tensors = {k: v for k, v in content.items() if isinstance(v, Tensor)}
