@@ -278,7 +278,8 @@ def parse_embedding(content: Any, label: str) -> tuple[Arch, dict[str, Tensor], 
         params = content["string_to_param"]
         if not isinstance(params, (Mapping, torch.nn.ParameterDict)) or not len(params):
             raise ValueError(f"{label}: its string_to_param holds no vectors.")
-        a1111 = {k: content[k] for k in ("name", "step", "sd_checkpoint_name") if isinstance(content.get(k), (str, int))}
+        a1111 = {k: content[k] for k in ("name", "step", "sd_checkpoint_name")
+                 if isinstance(content.get(k), (str, int))}
         return (*_single_encoder(_as_matrix(next(iter(params.values())), label), label), a1111)
     if not isinstance(content, Mapping):
         raise ValueError(f"{label}: expected a dict of tensors, got {type(content).__name__}.")
