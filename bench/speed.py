@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "speed.json"
 METHODS = ("ti", "dti", "batex", "catversion")
 EXTRA_METHODS = ("tuning_encoder",)  # measured on request: --methods tuning_encoder
-SIZE_NAMES = ("tiny", "sd15", "sdxl")
+SIZE_NAMES = ("tiny", "sd15", "sdxl", "tiny-sd3", "tiny-flux", "tiny-lumina2")
 README_PRECISION = {"tiny": "fp32", "sd15": "fp32", "sdxl": "bf16"}  # the README commands' --mixed_precision
 DTI_STEPS = 400  # DTI's recipe (trainers/methods/dti.py Options.steps)
 

@@ -5,9 +5,11 @@ A method is measured through the pack's own code path: `create_method`, then `tr
 the same ComfyHost with nothing of a method: one batch of prepared prompts encoded with a leaf tensor as the
 vectors, `host.loss`, backward — one CLIP forward+backward and one UNet forward+backward to its conditioning.
 
-Models: "tiny" is tests/support/tiny_comfy.py (the ComfyUI test models). "sd15" and "sdxl" are the full
-architectures built from ComfyUI's own classes (as nodes/demo.py builds its checkpoint) directly on the target
-device, with random weights: a step's speed does not depend on the weights' values.
+Models: "tiny" is tests/support/tiny_comfy.py (the ComfyUI test models); "tiny-sd3", "tiny-flux" and
+"tiny-lumina2" are the flow families' small models (nodes/demo_families.py; TI, DTI and BaTex; no diffusers
+baseline). "sd15" and "sdxl" are the full architectures built from ComfyUI's own classes (as nodes/demo.py builds
+its checkpoint) directly on the target device, with random weights: a step's speed does not depend on the weights'
+values.
 """
 
 from __future__ import annotations
@@ -108,10 +110,11 @@ def full_size_models(size: Size, device: torch.device, dtype: torch.dtype) -> tu
 
 
 def comfy_models(size: Size, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, Any]:
-    if size.name == "tiny":
+    if size.name.startswith("tiny"):
         import tiny_comfy as tc
 
-        return tc.tiny_model("sd1"), tc.tiny_clip("sd1", dtype=dtype), tc.tiny_vae()
+        channels = 16 if size.arch in tc.FLOW_ARCHS else 4
+        return tc.tiny_model(size.arch), tc.tiny_clip(size.arch, dtype=dtype), tc.tiny_vae(latent_channels=channels)
     return full_size_models(size, device, dtype)
 
 
@@ -123,7 +126,7 @@ def parameter_counts(model: Any, clip: Any, vae: Any) -> dict[str, int]:
 
 
 def training_images(size: Size, resolution: int) -> torch.Tensor:
-    if size.name == "tiny":
+    if size.name.startswith("tiny"):
         import tiny_comfy as tc
 
         return tc.tiny_images(NUM_IMAGES, resolution)

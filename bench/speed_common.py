@@ -27,7 +27,7 @@ class Size:
     """One model size: the architecture the pack sees, the training resolution and its default device."""
 
     name: str
-    arch: str            # the pack's Arch: "sd1" or "sdxl"
+    arch: str            # the pack's Arch: "sd1", "sdxl", or a flow family
     resolution: int      # pixels; latents are resolution / 8
     device: str          # "cpu" or "cuda": where it runs unless --device says otherwise
 
@@ -36,6 +36,10 @@ SIZES = {
     "tiny": Size("tiny", "sd1", 64, "cpu"),       # tests/support/tiny_comfy.py: 1.06 M-parameter UNet, 32-wide CLIP
     "sd15": Size("sd15", "sd1", 512, "cuda"),     # SD 1.5's full UNet, CLIP-L and VAE, random weights
     "sdxl": Size("sdxl", "sdxl", 1024, "cuda"),   # SDXL base: UNet, CLIP-L + CLIP-G, VAE, random weights
+    # the flow families' small models (nodes/demo_families.py), as the tests and the --demo runs build them
+    "tiny-sd3": Size("tiny-sd3", "sd3", 64, "cpu"),
+    "tiny-flux": Size("tiny-flux", "flux", 64, "cpu"),
+    "tiny-lumina2": Size("tiny-lumina2", "lumina2", 64, "cpu"),
 }
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
