@@ -126,7 +126,7 @@ def small_clip(arch: Arch, embedding_directory: str | list[str] | None = None, d
         if state is None:
             initialise(clip.cond_stage_model, seed)
         else:
-            clip.cond_stage_model.load_state_dict(state, strict=False)  # ComfyUI's text models keep extra buffers
+            _load_floats(clip.cond_stage_model, state)
     return clip
 
 
@@ -155,9 +155,20 @@ def small_model(arch: Arch, seed: int = 1, state: dict[str, torch.Tensor] | None
             initialise(base, seed)
             _make_the_text_matter(base.diffusion_model, arch)
         else:
-            base.load_state_dict(state)
+            _load_floats(base, state)
     return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+def _load_floats(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`state` into `module`: every floating-point tensor must be there (a demo file keeps only those; integer
+    buffers such as CLIP's position ids are built by the module itself)."""
+    expected = {k for k, v in module.state_dict().items() if v.is_floating_point()}
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ValueError(f"this demo file lacks {len(missing)} tensors ({missing[0]}, ...); delete the demo folder "
+                         "(--clean-demo) so the next run rebuilds it.")
+    module.load_state_dict(state, strict=False)
 
 
 def _make_the_text_matter(network: torch.nn.Module, arch: Arch) -> None:
@@ -179,6 +190,7 @@ def write_family_demo(folder: str | os.PathLike[str], arch: Arch, seed: int = 0)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     model, clip = small_model(arch, seed + 1), small_clip(arch, seed=seed)
+    # floating-point tensors only, as _load_floats reads them back
     state = {f"model.{k}": v.half() for k, v in model.model.state_dict().items() if v.is_floating_point()}
     state.update({f"clip.{k}": v.half() for k, v in clip.cond_stage_model.state_dict().items()
                   if v.is_floating_point()})
@@ -209,8 +221,9 @@ def demo_family(prompt: dict[str, Any]) -> Arch | None:
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "TripleCLIPLoader":
             return "sd3"
-        if kind in ("CLIPLoader", "DualCLIPLoader") and inputs.get("type") in FAMILY_DEMO_FILES:
-            return inputs["type"]  # type: ignore[no-any-return]  # ComfyUI's CLIP types are named as our families
+        clip_type = inputs.get("type")
+        if kind in ("CLIPLoader", "DualCLIPLoader") and isinstance(clip_type, str) and clip_type in FAMILY_DEMO_FILES:
+            return clip_type  # type: ignore[return-value]  # ComfyUI's CLIP types are named as our families
     return None
 
 

@@ -99,7 +99,8 @@ class LearnConcept(io.ComfyNode):
                 io.Int.Input("vectors", default=0, min=0, max=16, tooltip="Vectors per text encoder. 0 gives one "
                              "per token of the init word."),
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=8, tooltip="Training resolution in "
-                             "pixels. 0 uses the model's own: 512 for SD 1.x, 768 for SD 2.x-v, 1024 for SDXL."),
+                             "pixels. 0 uses the model's own: 512 for SD 1.x, 768 for SD 2.x-v, 1024 for SDXL, SD "
+                             "3.5 and Lumina 2, 512 for Flux.1 (a quarter of the memory of 1024)."),
                 io.Combo.Input("prompts", options=PROMPT_MODES, default="object", tooltip="object: 27 'a photo "
                                "of a {}' templates; style: 19 'a painting in the style of {}' templates; captions: "
                                "one caption per image from the captions box."),

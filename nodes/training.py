@@ -69,8 +69,9 @@ class LearnSettings:
 
 
 def native_resolution(arch: Arch, v_prediction: bool) -> int:
-    """SD 1.x trains at 512, SD 2.x at 768 (v-prediction) or 512 (base), SDXL and the DiT families at 1024."""
-    if arch in ("sdxl", "sd3", "flux", "lumina2"):
+    """SD 1.x trains at 512, SD 2.x at 768 (v-prediction) or 512 (base), SDXL, SD 3.5 and Lumina 2 at 1024; Flux.1
+    at 512, which concept training on it commonly uses (a quarter of 1024's image tokens and memory)."""
+    if arch in ("sdxl", "sd3", "lumina2"):
         return 1024
     return 768 if arch == "sd2" and v_prediction else 512
 

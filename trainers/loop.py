@@ -119,9 +119,9 @@ def run_fingerprint(method: Method, data: TrainingSet, options: LoopOptions) -> 
                                    "flip_p": options.flip_p,
                                    "images": digest(data.images.detach().cpu().numpy().tobytes(), masks),
                                    "prompts": digest("\n".join(data.prompts).encode(), bytes([data.per_image]))}
-    frozen = [i for i, p in enumerate(method.parameters()) if not p.requires_grad]
+    frozen = sorted(k for k, v in method.vectors().items() if not v.requires_grad)
     if frozen:  # some encoders' vectors are held (freeze_encoders); absent otherwise, as in older checkpoints
-        fingerprint["frozen_parameters"] = frozen
+        fingerprint["frozen_encoders"] = frozen
     return fingerprint
 
 

@@ -67,7 +67,11 @@ class ComfyHost:
         flow = isinstance(self.model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
         side = FlowDiT if flow else DiscreteUNet
         self.denoiser: FlowDiT | DiscreteUNet = side(self.model, arch, PRECISIONS[precision], gradient_checkpointing)
-        self.text = TextSide(self.clip, arch)
+        try:
+            self.text = TextSide(self.clip, arch)
+        except BaseException:
+            self.denoiser.close()  # what the denoiser side changed beyond its clone (Flux's RoPE) goes back
+            raise
         self.num_timesteps = self.denoiser.num_timesteps
         self.v_prediction = self.denoiser.v_prediction
         self.encoders = self.text.encoders
@@ -177,7 +181,7 @@ class ComfyHost:
         def conditioning(text: str, vecs: Mapping[str, Tensor]) -> list[list[Any]]:
             cond = self.encode([self.prepare_prompt(text, n if "{}" in text else 0)], vecs)
             extra = {} if cond.pooled is None else {"pooled_output": cond.pooled, "width": size, "height": size}
-            return [[cond.cross_attn, extra]]
+            return [[cond.cross_attn, {**extra, **self.text.conditioning_extras(cond)}]]
 
         channels = self.model.model.latent_format.latent_channels
         latent = torch.zeros(1, channels, size // 8, size // 8)

@@ -50,11 +50,12 @@ def encoder_keys(clip: Any) -> tuple[str, ...]:
 TEXT_ENCODER_CHOICES = ("family default", "CLIP only", "T5 / LLM only")
 CLIP_KEYS = ("l", "g", "h")
 TEXT_ENCODERS_TOOLTIP = (
-    "Which text encoders' vectors train; the others keep the init word's vectors (the file still has one per "
-    "encoder). family default trains every encoder the family conditions on: CLIP-L (SD 1.x), CLIP-H (SD 2.x), "
-    "CLIP-L and CLIP-G (SDXL), CLIP-L, CLIP-G and T5-XXL (SD 3.5), T5-XXL and CLIP-L (Flux.1; CLIP-L only sets the "
-    "pooled vector), Gemma-2 (Lumina 2). CLIP only skips the backward pass through T5, the largest memory cost on "
-    "SD 3.5 and Flux.1. T5 / LLM only trains T5 or Gemma alone.")
+    "Which text encoders' vectors train; the others keep their starting vectors (the init word's; under DTI its "
+    "direction at the vocabulary's norm), and the file still has one per encoder. family default trains every "
+    "encoder the family conditions on: CLIP-L (SD 1.x), CLIP-H (SD 2.x), CLIP-L and CLIP-G (SDXL), CLIP-L, CLIP-G "
+    "and T5-XXL (SD 3.5), T5-XXL and CLIP-L (Flux.1; CLIP-L only sets the pooled vector), Gemma-2 (Lumina 2). "
+    "CLIP only skips the backward pass through T5, the largest memory cost on SD 3.5 and Flux.1. T5 / LLM only "
+    "trains T5 or Gemma alone.")
 
 
 def frozen_encoders(keys: tuple[str, ...], choice: str, arch: Arch) -> tuple[str, ...]:
@@ -65,8 +66,8 @@ def frozen_encoders(keys: tuple[str, ...], choice: str, arch: Arch) -> tuple[str
     trained = {"family default": keys, "CLIP only": tuple(k for k in keys if k in CLIP_KEYS),
                "T5 / LLM only": tuple(k for k in keys if k not in CLIP_KEYS)}[choice]
     if not trained:
-        raise ValueError(f"text_encoders is {choice!r} but {ARCH_LABELS[arch]} has no such encoder; choose family "
-                         "default.")
+        raise ValueError(f"text_encoders is {choice!r} but this {ARCH_LABELS[arch]} CLIP has no such encoder; choose "
+                         "family default.")
     return tuple(k for k in keys if k not in trained)
 
 

@@ -22,7 +22,7 @@ from ...trainers.concept import ENCODER_NAMES, ENCODER_WIDTHS, Arch
 from ...trainers.host import TextEncoder
 from ..residual_attention import ResidualAttention, ResidualEntry
 from .embedding_lookup import tokenizer_with_lookup
-from .families import encoder_keys
+from .families import SD_ONLY, encoder_keys
 
 SLOT_NAME = "concept_forge_slot"
 # what the family's own prompt node sends for a prompt `p`: CLIPTextEncodeLumina2 with its default system prompt
@@ -56,7 +56,7 @@ class ComfyCond:
     cross_attn: Tensor      # [B, L, D]
     pooled: Tensor | None   # [B, P]: SDXL's clip_g pooled output, for the ADM vector
     prompts: Sequence[Any]  # the prepared prompts, so a reference path can encode them again
-    lengths: Sequence[int]  # each prompt's own token count (`cross_attn` repeats shorter ones to L)
+    lengths: Sequence[int]  # each prompt's own token count (`cross_attn` repeats or pads shorter ones to L)
 
 
 def _out_of_place_layer_forward(layer: torch.nn.Module) -> Callable[..., Tensor]:
@@ -158,6 +158,11 @@ COMBINE: dict[Arch, Callable[[Mapping[str, Encoded]], Encoded]] = {"sd1": _alone
                                                                   "sd3": _sd3, "flux": _flux, "lumina2": _alone}
 
 
+# Gemma's encode returns an attention mask, from which Lumina2.extra_conds takes the caption's length
+CONDITIONING_EXTRAS: dict[Arch, Callable[[ComfyCond], dict[str, Tensor]]] = {
+    "lumina2": lambda cond: {"attention_mask": torch.ones(cond.cross_attn.shape[:2], dtype=torch.long)}}
+
+
 def _with_slot_name(text: str) -> str:
     """`{}` → `embedding:<slot>`, spaced only where the prompt parser needs a space (after a word, before the next
     word), so the words around it reach the tokenizer exactly as a user's `embedding:` prompt sends them — Gemma's
@@ -186,9 +191,15 @@ class TextSide:
         return getattr(self.clip.cond_stage_model, ENCODER_NAMES[key])
 
     def token_ids(self, key: str, text: str) -> list[int]:
+        """The ids of `text` as a word of a prompt: after a space, which CLIP and T5 drop and Gemma's tokenizer (no
+        leading space of its own) reads as the word's start, "▁dog" rather than the inner-word "dog"."""
         sub = getattr(self._tokenizer, ENCODER_NAMES[key])
         end = -1 if sub.tokenizer_adds_end_token else None  # T5 adds no start token, CLIP both
-        return list(sub.tokenizer(text)["input_ids"][sub.tokens_start:end])
+        return list(sub.tokenizer(" " + text)["input_ids"][sub.tokens_start:end])
+
+    def conditioning_extras(self, cond: ComfyCond) -> dict[str, Tensor]:
+        """What ComfyUI's text encode returns beside the conditioning of one prompt, for its sampler."""
+        return CONDITIONING_EXTRAS.get(self.arch, lambda c: {})(cond)
 
     def vocabulary(self, key: str) -> Tensor:
         return self._sub(key).transformer.get_input_embeddings().weight
@@ -240,13 +251,22 @@ class TextSide:
                     hidden, pooled = self._sub(key).encode(prompt_chunks)[:2]
                     per_prompt[i][key] = (hidden, pooled)
         combined = [COMBINE[self.arch](outputs) for outputs in per_prompt]
-        hidden, pooled = _stack([h for h, _ in combined]), [p for _, p in combined]
+        stack = _repeat_to_common_length if self.arch in SD_ONLY else _pad_to_longest
+        hidden, pooled = stack([h for h, _ in combined]), [p for _, p in combined]
         return ComfyCond(hidden, None if pooled[0] is None else torch.cat(pooled), prompts,  # type: ignore[arg-type]
                          [h.shape[1] for h, _ in combined])
 
 
-def _stack(hidden: Sequence[Tensor]) -> Tensor:
-    """One conditioning [1, L_i, D] per prompt → [B, L, D]. Prompts of different lengths are repeated to a common
-    length, as ComfyUI's sampler batches them (CONDCrossAttn.concat)."""
+def _repeat_to_common_length(hidden: Sequence[Tensor]) -> Tensor:
+    """One conditioning [1, L_i, D] per prompt → [B, L, D] for a UNet: prompts of different lengths (CLIP's 77-token
+    chunks) are repeated to a common length, as ComfyUI's sampler batches them (CONDCrossAttn.concat)."""
     common = math.lcm(*(h.shape[1] for h in hidden))
     return torch.cat([h.repeat(1, common // h.shape[1], 1) for h in hidden])
+
+
+def _pad_to_longest(hidden: Sequence[Tensor]) -> Tensor:
+    """One conditioning [1, L_i, D] per prompt → [B, L, D] for a flow transformer, which predicts each prompt at its
+    own length (`ComfyCond.lengths`): zeros after each prompt, never read. (Gemma's prompts are all of different
+    lengths: a common multiple of them would be thousands of tokens.)"""
+    longest = max(h.shape[1] for h in hidden)
+    return torch.cat([F.pad(h, (0, 0, 0, longest - h.shape[1])) for h in hidden])

@@ -109,7 +109,7 @@ def test_the_loss_is_the_velocity_mse_each_prompt_at_its_own_length():
         vectors = init_vectors(host, "dog")
         prompts = [host.prepare_prompt(p, 1) for p in ("a photo of a {}", "a dark photo of the {} in a room")]
         cond = host.encode(prompts, vectors)
-        assert cond.lengths[0] != cond.lengths[1]
+        assert cond.lengths[0] != cond.lengths[1] and cond.cross_attn.shape[1] == max(cond.lengths)  # padded, once
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
         timesteps = torch.tensor([100, 800])
         ours = host.loss(latents, cond, noise, timesteps)
@@ -177,3 +177,15 @@ def test_methods_made_for_unets_refuse_lumina2(model_folders, method):
         run_node(LearnConcept, model=model, clip=clip, vae=vae, images=tc.tiny_images(), name="my_dog",
                  init_word="dog", method=method, steps=1, learning_rate=0.0, batch_size=2, vectors=0, resolution=64,
                  prompts="object", seed=1, precision="auto", gradient_checkpointing=False)
+
+
+def test_the_init_word_is_read_as_a_word_of_a_prompt_and_a_preview_samples():
+    model, clip, vae = models()
+    a, b = training()
+    with a, b, ComfyHost(model, clip, vae, "lumina2") as host:
+        # Gemma's tokenizer adds no leading space: "photo" alone is two inner-word pieces, " photo" the word's own
+        ids = host.token_ids("gemma2_2b", "photo")
+        tokenizer = clip.tokenizer.gemma2_2b.tokenizer
+        assert len(ids) == 1 and tokenizer.tokenizer.id_to_piece(ids[0]) == "\u2581photo"
+        image = host.sample("a photo of {}", init_vectors(host, "dog"), 64, steps=2)
+    assert image.shape == (1, 64, 64, 3) and bool(image.isfinite().all())

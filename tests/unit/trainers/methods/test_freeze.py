@@ -35,6 +35,6 @@ def test_freezing_shows_in_the_resume_fingerprint_and_every_encoder_cannot_freez
     method = create_method("ti", host, "dog", 0, method_options("ti"))
     plain = run_fingerprint(method, data, options)
     freeze_encoders(method, ["g"])
-    assert run_fingerprint(method, data, options) == {**plain, "frozen_parameters": [1]}
+    assert run_fingerprint(method, data, options) == {**plain, "frozen_encoders": ["g"]}
     with pytest.raises(ValueError, match="at least one encoder must train"):
         freeze_encoders(create_method("ti", host, "dog", 0, method_options("ti")), ["l", "g"])
