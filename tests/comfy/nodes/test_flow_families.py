@@ -264,8 +264,8 @@ def test_text_encoders_clip_only_keeps_t5_at_the_init_words_vectors(model_folder
     assert torch.equal(concept.vectors["t5xxl"], start["t5xxl"].cpu())
     assert (concept.vectors["l"] - start["l"].cpu()).abs().max() > 1e-4
     assert concept.provenance["text_encoders"] == "CLIP only"
-    with pytest.raises(ValueError, match="Learn Concept: text_encoders is 'T5 / LLM only' but this SDXL CLIP has no such "
-                                         "encoder; choose family default"):
+    with pytest.raises(ValueError, match="Learn Concept: text_encoders is 'T5 / LLM only' but this SDXL CLIP has no "
+                                         "such encoder; choose family default"):
         run_node(LearnConcept, model=tc.tiny_model("sdxl"), clip=tc.tiny_clip("sdxl"), vae=tc.tiny_vae(),
                  images=tc.tiny_images(), name="my_dog", init_word="dog", method="ti", steps=1, learning_rate=0.0,
                  batch_size=2, vectors=0, resolution=64, prompts="object", seed=1, precision="auto",
