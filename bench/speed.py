@@ -83,7 +83,8 @@ def run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
             result["process_s"] = time.perf_counter() - start
             return result
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    # paths relative to the checkout, so a result file says nothing of the machine that wrote it
+    return {"error": f"exit {proc.returncode}: " + " | ".join(tail).replace(f"{ROOT}{os.sep}", "")}
 
 
 def hardware() -> dict[str, Any]:

@@ -271,8 +271,7 @@ def parse_embedding(content: Any, label: str) -> tuple[Arch, dict[str, Tensor], 
 
     Understands A1111 `.pt` (`string_to_param`), kohya/diffusers (`emb_params`, `{token: tensor}`), SDXL
     (`clip_l` + `clip_g`), SD 3.5 (those + `t5xxl`), Flux.1 (`clip_l` + `t5xxl`, or diffusers' `clip_l` + `t5`) and
-    Lumina 2 (`gemma2_2b`). Returns
-    the architecture, the vectors per encoder and what provenance the file carries.
+    Lumina 2 (`gemma2_2b`). Returns the architecture, the vectors per encoder and what provenance the file carries.
     """
     if isinstance(content, Mapping) and "string_to_param" in content:
         params = content["string_to_param"]

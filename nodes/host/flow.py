@@ -84,7 +84,7 @@ PREPARE: dict[Arch, Callable[[Any, bool], Callable[[], None]]] = {"sd3": _sd3_pr
 
 
 def _one_prompt(cond: ComfyCond, i: int) -> ComfyCond:
-    """Sample i's conditioning at its own prompt's length (the batch repeats shorter prompts to a common one)."""
+    """Sample i's conditioning at its own prompt's length (the batch pads shorter prompts to the longest)."""
     length = cond.lengths[i]
     pooled = None if cond.pooled is None else cond.pooled[i:i + 1]
     return ComfyCond(cond.cross_attn[i:i + 1, :length], pooled, cond.prompts[i:i + 1], [length])

@@ -220,7 +220,9 @@ class TextSide:
                                           lambda key, name: markers[key] if name == SLOT_NAME else None)
         if "{}" in text and not num_vectors:
             raise ValueError(f"prompt {text!r} has a concept slot but the method injects no vectors.")
-        text = PROMPT_FORMATS.get(self.arch, str)(_with_slot_name(text))
+        text = _with_slot_name(text)
+        if self.arch in PROMPT_FORMATS:
+            text = PROMPT_FORMATS[self.arch](text)
         tokens = tokenizer.tokenize_with_weights(text, disable_weights=True)
         prepared = {}
         for key in self.encoders:

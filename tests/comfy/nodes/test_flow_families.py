@@ -6,6 +6,7 @@ learned concept is a file that stock `embedding:` reads back exactly."""
 import pytest
 import torch
 from comfy_tier import require_comfyui, run_node
+from gradients import directional_check
 
 tc = require_comfyui()
 
@@ -83,17 +84,6 @@ def test_training_conditioning_equals_stock_encoding_with_every_encoder(family):
     assert (cond.cross_attn - stock).abs().max() < 1e-5 and (cond.pooled - stock_pooled).abs().max() < 1e-5
     t5 = T5_TOKENS[family]
     assert (other.cross_attn[:, t5] - stock[:, t5]).abs().max() > 1e-3  # T5's tokens carry T5's vectors
-
-
-def directional_check(f, v, eps, seed=7):
-    """f's gradient at v along a random unit direction, and the central finite difference there."""
-    v = v.detach().clone().requires_grad_(True)
-    f(v).backward()
-    d = torch.randn(v.shape, generator=torch.Generator().manual_seed(seed))
-    d /= d.norm()
-    with torch.no_grad():
-        numeric = (f(v + eps * d) - f(v - eps * d)) / (2 * eps)
-    return float((v.grad * d).sum()), float(numeric)
 
 
 def test_gradients_reaching_each_encoders_vectors_match_finite_differences(family):

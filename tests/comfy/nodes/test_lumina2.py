@@ -6,6 +6,7 @@ with."""
 import pytest
 import torch
 from comfy_tier import require_comfyui, run_node
+from gradients import directional_check
 
 tc = require_comfyui()
 
@@ -72,16 +73,6 @@ def test_training_conditioning_equals_lumina2s_prompt_node_on_a_clip_with_the_co
     # without the pack's CLIP, `embedding:` is plain text to Gemma's tokenizer, whatever the embeddings folder holds
     plain, _ = lumina_encode(clip, "a photo of embedding:my_dog on the beach")
     assert plain.shape != stock.shape or (plain - stock).abs().max() > 1e-3
-
-
-def directional_check(f, v, eps, seed=7):
-    v = v.detach().clone().requires_grad_(True)
-    f(v).backward()
-    d = torch.randn(v.shape, generator=torch.Generator().manual_seed(seed))
-    d /= d.norm()
-    with torch.no_grad():
-        numeric = (f(v + eps * d) - f(v - eps * d)) / (2 * eps)
-    return float((v.grad * d).sum()), float(numeric)
 
 
 def test_gradients_through_gemma_and_nextdit_match_finite_differences():
