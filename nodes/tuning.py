@@ -63,7 +63,7 @@ def predicted(host: ComfyHost, pixels: torch.Tensor, encoder: TuningEncoder, enc
         p = encoder(vision, unet, class_embeddings)
     embeddings = {k: e[0] for k, e in p.embeddings.items()}
     return tuning.TunedPrediction(host, class_word.strip(), class_embeddings, embeddings, encoder.config.targets,
-                                  [u[0] for u in p.up], p.down, options, encoder_name)
+                                  [u[0] for u in p.up], [d[0] for d in p.down], options, encoder_name)
 
 
 class TuningEncoderNode(io.ComfyNode):

@@ -3,9 +3,11 @@
 Each step every process takes its shard of the batch, predicts an embedding and LoRA offsets for each image,
 and scores them by the diffusion loss of that image under its own prediction (the offsets go through the host's
 weight wrappers, swapped per image), plus E4T's L2 penalty on the embedding offset and the nearest-token
-contrastive term across the batch. DDP averages the encoder's gradients. Every draw (images, templates, noise,
-timesteps) is a function of (seed, step, rank), so a run killed and resumed from its checkpoint ends where an
-uninterrupted run of the same seed ends. Plain torch: the host is whatever the caller builds.
+contrastive term (the tuning steps' term; the other images of the batch are negatives too). With `blend` < 1 each
+image's loss goes through DATE's dual path, its hard prompt holding the nearest real token of its embedding.
+DDP averages the encoder's gradients. Every draw (images, templates, noise, timesteps) is a function of (seed, step,
+rank), so a run killed and resumed from its checkpoint ends where an uninterrupted run of the same seed ends. Plain
+torch: the host is whatever the caller builds.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,7 +27,7 @@ from .host import Host
 from .loop import seeded
 from .methods.base import init_vectors
 from .templates import OBJECT_TEMPLATES
-from .tuning_encoder import TuningEncoder, contrastive_loss, save_encoder
+from .tuning_encoder import TuningEncoder, contrastive_loss, nearest_tokens, save_encoder
 
 Log = Callable[[str], None]
 
@@ -38,7 +40,9 @@ class PretrainOptions:
         batch_size (`int`, defaults to 4): images per process per step.
         learning_rate (`float`, defaults to 1e-4): AdamW's (this pack's choice; E4T used 1.6e-5 at batch 16).
         offset_penalty (`float`, defaults to 0.01): λ·‖Δ‖² on the predicted embedding offset (E4T pretraining).
-        contrastive (`float`, defaults to 0.01): weight of the nearest-token contrastive term (this pack's).
+        contrastive (`float`, defaults to 0.01): weight of the nearest-token contrastive term (this pack's); 0 = off.
+        blend (`float`, defaults to 1.0): α of the dual path (`Host.set_dual_path`); 1 = off (this pack's default,
+            the paper's α is not reported).
         checkpoint_every (`int`, defaults to 100): steps between checkpoints (and at the end).
         log_every (`int`, defaults to 10): steps between loss log lines.
         seed (`int`, defaults to 0): seeds every draw.
@@ -49,6 +53,7 @@ class PretrainOptions:
     learning_rate: float = 1e-4
     offset_penalty: float = 0.01
     contrastive: float = 0.01
+    blend: float = 1.0
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -56,29 +61,37 @@ class PretrainOptions:
 
 @dataclass
 class Example:
-    """One training image, encoded once: its latent [C, h, w], CLIP vision features [T, W] and class word."""
+    """One training image, encoded once: its latent [C, h, w], CLIP vision features [T, W] and class word, and the
+    prompt template it is trained with (`{}`: the concept), or None for the object templates."""
 
     latent: Tensor
     vision: Tensor
     class_word: str
+    template: str | None = None
 
 
-def read_folder(root: str | os.PathLike[str]) -> list[tuple[Path, str]]:
-    """(image, class word) pairs: `root/<class word>/<image>`, or `root/captions.txt` lines `<image>\\t<class word>`."""
+Item = tuple[Path, str, "str | None"]  # (image, class word, prompt template or None)
+
+
+def read_folder(root: str | os.PathLike[str]) -> list[Item]:
+    """(image, class word, template) items: `root/<class word>/<image>`, or `root/captions.txt` lines
+    `<image>\\t<class word>[\\t<prompt with {} for the concept>]` — a prompt that says what else the image shows
+    ("a small {} on the left") keeps that out of the predicted embedding."""
     root = Path(root)
     captions = root / "captions.txt"
     if captions.exists():
-        pairs = []
+        items: list[Item] = []
         for number, line in enumerate(captions.read_text().splitlines(), start=1):
             if line.strip():
-                name, sep, word = line.partition("\t")
-                if not sep or not word.strip():
-                    raise ValueError(f"captions.txt line {number}: expected '<image>\\t<class word>', got {line!r}.")
-                pairs.append((root / name.strip(), word.strip()))
-        return pairs
+                name, word, template = (line.split("\t") + ["", ""])[:3]
+                if not word.strip() or (template and "{}" not in template):
+                    raise ValueError(f"captions.txt line {number}: expected '<image>\\t<class word>' and optionally "
+                                     f"'\\t<prompt with {{}}>', got {line!r}.")
+                items.append((root / name.strip(), word.strip(), template.strip() or None))
+        return items
     images = (".png", ".jpg", ".jpeg", ".webp")
-    pairs = sorted((p, folder.name.replace("_", " ")) for folder in root.iterdir() if folder.is_dir()
-                   for p in folder.iterdir() if p.suffix.lower() in images)
+    pairs: list[Item] = sorted((p, folder.name.replace("_", " "), None) for folder in root.iterdir()
+                               if folder.is_dir() for p in folder.iterdir() if p.suffix.lower() in images)
     if not pairs:
         raise ValueError(f"{root}: no images; put them in one folder per class word, or list them in captions.txt.")
     return pairs
@@ -122,6 +135,7 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
     tables = {k: host.vocabulary(k) for k in host.encoders}
     class_rows = {word: _class_rows(host, word) for word in sorted({e.class_word for e in examples})}
     prompts = [host.prepare_prompt(t, 1) for t in OBJECT_TEMPLATES]
+    captioned = {t: host.prepare_prompt(t, 1) for t in sorted({e.template for e in examples if e.template})}
     targets = [key for key, _, _ in encoder.config.targets]
 
     for step in range(first, options.steps + 1):
@@ -138,14 +152,20 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
         prediction = model(vision, unet, rows)
         diffusion = torch.zeros((), device=host.device)
         for i in range(len(batch)):  # each image under its own predicted offsets and embedding
-            host.wrap_unet_weights({key: (up[i], down) for key, up, down in
+            host.wrap_unet_weights({key: (up[i], down[i]) for key, up, down in
                                     zip(targets, prediction.up, prediction.down, strict=True)}, scale=1.0)
-            cond = host.encode([prompts[template[i]]], {k: e[i] for k, e in prediction.embeddings.items()})
+            vectors = {k: e[i] for k, e in prediction.embeddings.items()}
+            if options.blend < 1:
+                host.set_dual_path(options.blend, _nearest(vectors, tables))
+            own = batch[i].template
+            cond = host.encode([prompts[template[i]] if own is None else captioned[own]], vectors)
             diffusion = diffusion + host.loss(latents[i:i + 1], cond, noise[i:i + 1], timesteps[i:i + 1]).sum()
         offsets = torch.cat([prediction.offsets[k] for k in sorted(prediction.offsets)], dim=-1)   # [B, Σd]
         penalty = options.offset_penalty * offsets.pow(2).sum(-1).mean()
-        contrast = sum(contrastive_loss(e[:, 0], tables[k]) for k, e in prediction.embeddings.items())
-        loss = diffusion / len(batch) + penalty + options.contrastive * contrast
+        loss = diffusion / len(batch) + penalty
+        if options.contrastive:
+            loss = loss + options.contrastive * sum(contrastive_loss(e[:, 0], tables[k])
+                                                    for k, e in prediction.embeddings.items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
@@ -168,6 +188,12 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
             if distributed:
                 dist.barrier()
     return encoder
+
+
+def _nearest(vectors: Mapping[str, Tensor], tables: Mapping[str, Tensor]) -> Callable[[], dict[str, Tensor]]:
+    """The hard prompt's vectors for one image: the vocabulary rows nearest its predicted embedding, fixed now."""
+    hard = {k: tables[k][nearest_tokens(v.detach(), tables[k])[:, 0]].to(v) for k, v in vectors.items()}
+    return lambda: hard
 
 
 def _class_rows(host: Host, word: str) -> dict[str, Tensor]:

@@ -8,7 +8,7 @@ modules. Everything model-specific — tokenisation, which layer conditions the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -71,9 +71,16 @@ class Host(Protocol):
         """From now on, weight `key` is W + scale·up@down for `offsets[key]` = (up [out, r], down [r, in]),
         differentiably. Calling it again with the same keys swaps the factors."""
 
-    def set_reference(self, blend: float, vectors: Any) -> None:
-        """Dual path: `loss` then predicts blend·adapted + (1 − blend)·reference, the reference being the UNet
-        without weight offsets conditioned on the same prompts with `vectors()` ({key: [n, d]}) in the slot."""
+    def set_dual_path(self, alpha: float, hard_vectors: Callable[[], Mapping[str, Tensor]] | None) -> None:
+        """From now on, `loss` runs every attention branch of the denoiser twice and returns α·soft + (1 − α)·hard
+        per branch (DATE's dual path, docs/METHODS.md §6.2): soft = as configured (the prompt's vectors, weights
+        with their offsets), hard = the weights without offsets and, for cross-attention, the same prompts with
+        `hard_vectors()` ({key: [n, d]}, e.g. the nearest real tokens) in the slot. Gradients flow through the
+        soft branch only. α = 1 (with `hard_vectors` None) turns it off.
+
+        Raises:
+            ValueError: α outside [0, 1], α < 1 without `hard_vectors`, or a denoiser without the dual path.
+        """
 
     def image_features(self, images: Tensor) -> Tensor:
         """[N, H, W, 3] images → the CLIP vision encoder's penultimate hidden states [N, T, width]."""

@@ -6,11 +6,16 @@ the architecture below is this pack's reading of the paper, with docs/METHODS.md
 
 - features: the CLIP vision encoder's penultimate hidden states (projected per token, then averaged, as the
   unofficial E4T does) and the UNet encoder's block outputs on the noisy latent (spatially averaged);
-- trunk: an MLP over both;
+- trunk: an MLP over both, giving a feature h per image;
 - embedding head: e = E[class word] + s·Δ with s = 0.1 (E4T's `domain_embed_scale`);
-- hypernetwork head: per target layer a learned pair (up Bᴸ [out, r], down Aᴸ [r, in]) and a predicted scale
-  vector sᴸ ∈ Rʳ, so ΔWᴸ = Bᴸ·diag(sᴸ)·Aᴸ — predicting r numbers per layer keeps the head small.
-Both heads start at zero, so an untrained encoder predicts exactly the class word and no offsets.
+- hypernetwork head (`EncoderConfig.hypernetwork`):
+  - "offsets" (DATE's hypernetwork; the default): the factors themselves, per image. A shared bottleneck
+    c = Linear(h) [code] feeds, per target layer L, upᴸ = head_upᴸ(c) [out, r] and downᴸ = baseᴸ + head_downᴸ(c)
+    [r, in], baseᴸ learned; the bottleneck keeps the heads at code·r·(out + in) numbers per layer;
+  - "scales" (the ablation, and encoders saved before "offsets" existed): per layer a learned pair (Bᴸ [out, r],
+    Aᴸ [r, in]) and a predicted scale vector sᴸ ∈ Rʳ, so ΔWᴸ = Bᴸ·diag(sᴸ)·Aᴸ.
+  Either way ΔWᴸ = upᴸ·downᴸ.
+All heads start at zero, so an untrained encoder predicts exactly the class word and no offsets.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,8 @@ from torch import Tensor, nn
 from .atomic import write_safetensors
 
 EMBED_SCALE = 0.1  # E4T's domain_embed_scale: the predicted offset is small next to the class word's row
+Hypernetwork = Literal["offsets", "scales"]
+HYPERNETWORKS: tuple[Hypernetwork, ...] = ("offsets", "scales")
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,9 @@ class EncoderConfig:
         targets (`Sequence[tuple[str, int, int]]`): the LoRA target layers: (state-dict key, out, in).
         rank (`int`, defaults to 4): rank r of the offsets.
         hidden (`int`, defaults to 256): width of the trunk.
+        hypernetwork (`Hypernetwork`, defaults to `"offsets"`): what the hypernetwork head predicts (module
+            docstring); files without the field were written by the "scales" encoder and load as such.
+        code (`int`, defaults to 64): width of the "offsets" head's shared bottleneck (this pack's choice).
     """
 
     vision_width: int
@@ -50,13 +60,19 @@ class EncoderConfig:
     targets: Sequence[tuple[str, int, int]]
     rank: int = 4
     hidden: int = 256
+    hypernetwork: Hypernetwork = "offsets"
+    code: int = 64
+
+    def __post_init__(self) -> None:
+        if self.hypernetwork not in HYPERNETWORKS:
+            raise ValueError(f"hypernetwork must be one of {', '.join(HYPERNETWORKS)}, got {self.hypernetwork!r}.")
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "targets": [list(t) for t in self.targets]})
 
     @classmethod
     def from_json(cls, text: str) -> EncoderConfig:
-        record = json.loads(text)
+        record = {"hypernetwork": "scales", **json.loads(text)}  # older files: the scales head
         return cls(**{**record, "targets": [tuple(t) for t in record["targets"]]})
 
 
@@ -64,8 +80,14 @@ class EncoderConfig:
 class Prediction:
     embeddings: dict[str, Tensor]   # per encoder [B, n, d]
     up: list[Tensor]                # per target [B, out, r]
-    down: list[Tensor]              # per target [r, in] (shared by the batch)
+    down: list[Tensor]              # per target [B, r, in]
     offsets: dict[str, Tensor]      # per encoder [B, d]: the predicted Δ, for its L2 penalty
+
+
+def _zero(linear: nn.Linear) -> nn.Linear:
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    return linear
 
 
 class TuningEncoder(nn.Module):
@@ -78,15 +100,20 @@ class TuningEncoder(nn.Module):
             self.unet = nn.Sequential(nn.LayerNorm(c.unet_width), nn.Linear(c.unet_width, c.hidden))
             self.trunk = nn.Sequential(nn.GELU(), nn.Linear(2 * c.hidden, c.hidden), nn.GELU(),
                                        nn.Linear(c.hidden, c.hidden))
-            self.embedding_heads = nn.ModuleDict({k: nn.Linear(c.hidden, w) for k, w in c.text_widths.items()})
-            self.scale_head = nn.Linear(c.hidden, len(c.targets) * c.rank)
-            self.lora_down = nn.ParameterList(nn.Parameter(torch.randn(c.rank, i) / i ** 0.5) for _, _, i in c.targets)
-            self.lora_up = nn.ParameterList(nn.Parameter(torch.randn(o, c.rank) / c.rank ** 0.5)
-                                            for _, o, _ in c.targets)
-        heads: list[nn.Linear] = [*self.embedding_heads.values(), self.scale_head]  # type: ignore[list-item]
-        for head in heads:  # zero heads: an untrained encoder predicts the class word and no offsets
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+            # zero heads: an untrained encoder predicts the class word and no offsets
+            self.embedding_heads = nn.ModuleDict({k: _zero(nn.Linear(c.hidden, w)) for k, w in c.text_widths.items()})
+            if c.hypernetwork == "offsets":
+                self.bottleneck = nn.Linear(c.hidden, c.code)
+                self.up_heads = nn.ModuleList(_zero(nn.Linear(c.code, o * c.rank)) for _, o, _ in c.targets)
+                self.down_heads = nn.ModuleList(_zero(nn.Linear(c.code, c.rank * i)) for _, _, i in c.targets)
+                self.base_down = nn.ParameterList(nn.Parameter(torch.randn(c.rank, i) / i ** 0.5)
+                                                  for _, _, i in c.targets)
+            else:
+                self.scale_head = _zero(nn.Linear(c.hidden, len(c.targets) * c.rank))
+                self.lora_down = nn.ParameterList(nn.Parameter(torch.randn(c.rank, i) / i ** 0.5)
+                                                  for _, _, i in c.targets)
+                self.lora_up = nn.ParameterList(nn.Parameter(torch.randn(o, c.rank) / c.rank ** 0.5)
+                                                for _, o, _ in c.targets)
 
     def forward(self, vision: Tensor, unet: Tensor, class_embeddings: Mapping[str, Tensor]) -> Prediction:
         """
@@ -99,9 +126,23 @@ class TuningEncoder(nn.Module):
         h = self.trunk(torch.cat([self.vision(vision).mean(dim=1), self.unet(unet)], dim=-1))       # [B, hidden]
         offsets = {k: head(h) for k, head in self.embedding_heads.items()}                           # [B, d]
         embeddings = {k: _batched(class_embeddings[k]) + EMBED_SCALE * offsets[k][:, None] for k in offsets}
-        scales = self.scale_head(h).view(len(h), len(self.config.targets), self.config.rank)         # [B, L, r]
-        up = [b[None] * scales[:, i, None, :] for i, b in enumerate(self.lora_up)]                  # [B, out, r]
-        return Prediction(embeddings, up, list(self.lora_down), offsets)
+        up, down = self._offset_factors(h) if self.config.hypernetwork == "offsets" else self._scaled_factors(h)
+        return Prediction(embeddings, up, down, offsets)
+
+    def _offset_factors(self, h: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per image and layer (up [B, out, r], down [B, r, in]) predicted through the shared bottleneck."""
+        code, r = self.bottleneck(h), self.config.rank                                                    # [B, code]
+        up = [head(code).view(len(h), -1, r) for head in self.up_heads]
+        down = [base + head(code).view(len(h), r, -1) for head, base in zip(self.down_heads, self.base_down,
+                                                                              strict=True)]
+        return up, down
+
+    def _scaled_factors(self, h: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Learned (B, A) per layer, B's columns scaled per image: up [B, out, r], down (A) expanded to [B, r, in]."""
+        scales = self.scale_head(h).view(len(h), len(self.config.targets), self.config.rank)        # [B, L, r]
+        up = [b[None] * scales[:, i, None, :] for i, b in enumerate(self.lora_up)]
+        down = [a.expand(len(h), -1, -1) for a in self.lora_down]
+        return up, down
 
 
 def _batched(rows: Tensor) -> Tensor:
@@ -114,22 +155,34 @@ def nearest_tokens(embeddings: Tensor, table: Tensor, k: int = 1) -> Tensor:
     return similarity.topk(k, dim=-1).indices
 
 
-def contrastive_loss(embeddings: Tensor, table: Tensor, k: int = 3, temperature: float = 0.07) -> Tensor:
-    """The nearest-CLIP-token contrastive term (docs/METHODS.md §6.2, this pack's formula; k and τ are not the paper's).
+def contrastive_loss(embeddings: Tensor, table: Tensor, k: int = 3, temperature: float = 0.07,
+                     negatives: int | None = None) -> Tensor:
+    """The nearest-CLIP-token contrastive term (docs/METHODS.md §6.2, this pack's formula; k, τ and the negatives
+    are not the paper's).
 
-    For each predicted embedding e_i [N, d]: its k nearest vocabulary rows are positives, the other embeddings of
-    the batch negatives; L = −(1/k) Σ_p log[exp(cos(e_i, p)/τ) / (exp(cos(e_i, p)/τ) + Σ_{j≠i} exp(cos(e_i, e_j)/τ))].
-    It pulls each embedding toward real words and away from the other concepts; a batch of one gives 0.
+    For each predicted embedding e_i of `embeddings` [N, d], P_i = its k nearest rows of `table` [V, d] (cosine,
+    found without gradient) are the positives; the negatives are Q_i, the other vocabulary rows (all of them, or
+    with `negatives` = n the n most similar, the hardest), and the other embeddings e_j of the batch (other
+    concepts):
+    L = −(1/(N·k)) Σ_i Σ_{p∈P_i} log[exp(cos(e_i, p)/τ) / (exp(cos(e_i, p)/τ) + Σ_{q∈Q_i} exp(cos(e_i, q)/τ)
+                                                            + Σ_{j≠i} exp(cos(e_i, e_j)/τ))].
+    It pulls each embedding toward real words — toward its nearest ones rather than any nearby — and away from
+    the other concepts; thanks to the vocabulary negatives a batch of one (tuning) has a loss too.
     """
     e = F.normalize(embeddings, dim=-1)
-    vocabulary = F.normalize(table.to(embeddings), dim=-1)
+    similarity = e @ F.normalize(table.to(embeddings), dim=-1).T / temperature                    # [N, V]
     with torch.no_grad():
-        ids = (e @ vocabulary.T).topk(k, dim=-1).indices                                         # [N, k]
-    positives = (e[:, None, :] * vocabulary[ids]).sum(-1) / temperature                           # [N, k]
-    pairs = e @ e.T / temperature                                                                 # [N, N]
-    others = pairs.masked_fill(torch.eye(len(e), dtype=torch.bool, device=e.device), float("-inf"))
-    negatives = torch.logsumexp(others, dim=-1, keepdim=True).expand_as(positives)               # [N, k]
-    return -(positives - torch.logaddexp(positives, negatives)).mean()
+        ids = similarity.topk(k, dim=-1).indices                                                  # [N, k]
+    positives = similarity.gather(1, ids)                                                         # [N, k]
+    rest = similarity.scatter(1, ids, float("-inf"))                                              # [N, V]
+    if negatives is not None:
+        rest = rest.topk(min(negatives, rest.shape[1] - k), dim=-1).values                        # [N, n]
+    parts = [rest]
+    if len(e) > 1:
+        pairs = e @ e.T / temperature                                                             # [N, N]
+        parts.append(pairs.masked_fill(torch.eye(len(e), dtype=torch.bool, device=e.device), float("-inf")))
+    negative = torch.logsumexp(torch.cat(parts, dim=1), dim=-1, keepdim=True).expand_as(positives)  # [N, k]
+    return -(positives - torch.logaddexp(positives, negative)).mean()
 
 
 ENCODER_KEY = "concept_forge_encoder"

@@ -24,6 +24,7 @@ from ...trainers.concept import Arch
 from .flow import FlowDiT
 from .text_side import ComfyCond, TextSide
 from .unet import DiscreteUNet
+from .weight_offsets import DUAL_PATH
 
 PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,7 +60,7 @@ class ComfyHost:
         self.arch = arch
         self.vae = vae
         self.clip_vision = clip_vision
-        self._reference: tuple[float, Callable[[], Mapping[str, Tensor]]] | None = None
+        self._dual_path: tuple[float, Callable[[], Mapping[str, Tensor]]] | None = None
         self.model = model.clone()
         self.clip = clip.clone()
         self.device = self.model.load_device
@@ -131,8 +132,17 @@ class ComfyHost:
         if self.denoiser.wrap_weights(offsets, scale):
             self._loaded = False  # new wrappers are installed when the model loads
 
-    def set_reference(self, blend: float, vectors: Callable[[], Mapping[str, Tensor]]) -> None:
-        self._reference = (blend, vectors)
+    def set_dual_path(self, alpha: float, hard_vectors: Callable[[], Mapping[str, Tensor]] | None) -> None:
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"the dual path's α (blend) must be within [0, 1], got {alpha}.")
+        if alpha == 1:
+            self._dual_path = None
+            return
+        if hard_vectors is None:
+            raise ValueError("the dual path (blend < 1) needs the hard prompt's vectors.")
+        if self.denoiser.enable_dual_path():
+            self._loaded = False  # the attention wrappers are object patches, applied when the model loads
+        self._dual_path = (alpha, hard_vectors)
 
     @torch.no_grad()
     def unet_features(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -142,15 +152,18 @@ class ComfyHost:
     def loss(self, latents: Tensor, cond: ComfyCond, noise: Tensor, timesteps: Tensor,
              mask: Tensor | None = None) -> Tensor:
         self._ensure_loaded()
-        noisy, sigma, denoised = self.denoiser.predict(latents, cond, noise, timesteps)
-        if self._reference is not None:  # the dual path: blend in the UNet without offsets on the hard tokens
-            blend, vectors = self._reference
-            with torch.no_grad():
-                reference = self.encode(cond.prompts, vectors())
-                with self.denoiser.without_offsets():
-                    reference_denoised = self.denoiser.predict(latents, reference, noise, timesteps)[2]
-            denoised = blend * denoised + (1 - blend) * reference_denoised
+        noisy, sigma, denoised = self.denoiser.predict(latents, cond, noise, timesteps, self._dual_path_options(cond))
         return self.denoiser.loss(latents, noisy, sigma, denoised, noise, mask)
+
+    def _dual_path_options(self, cond: ComfyCond) -> dict[str, Any] | None:
+        """transformer_options that run this prediction's attention through the dual path, with the hard prompt's
+        cross-attention tensor (the same prompts, the hard vectors in the slot; no gradient); None when it is off."""
+        if self._dual_path is None:
+            return None
+        alpha, hard_vectors = self._dual_path
+        with torch.no_grad():
+            hard = self.encode(cond.prompts, hard_vectors()).cross_attn
+        return {**self.denoiser.transformer_options, DUAL_PATH: (alpha, hard)}
 
     # -- images -------------------------------------------------------------------------------------------------
     def image_features(self, images: Tensor) -> Tensor:

@@ -17,9 +17,8 @@ padding makes template prompts equally long on SD 3.5 and Flux.1).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import comfy.model_sampling
 import torch
@@ -153,9 +152,9 @@ class FlowDiT:
     def wrap_weights(self, offsets: Mapping[str, tuple[Tensor, Tensor]], scale: float) -> bool:
         raise ValueError(UNET_ONLY)
 
-    @contextlib.contextmanager
-    def without_offsets(self) -> Iterator[None]:
-        yield
+    def enable_dual_path(self) -> bool:
+        raise ValueError("Tuning Encoder: the dual path (blend < 1) runs on the UNet families' attention modules (SD "
+                         "1.x, SD 2.x, SDXL) only; set blend to 1 for this model.")
 
     def block_features(self, latents: Tensor, cond: ComfyCond, noise: Tensor, timesteps: Tensor) -> Tensor:
         raise ValueError(UNET_ONLY)

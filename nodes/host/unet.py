@@ -1,10 +1,10 @@
 """The denoiser side of the UNet families (SD 1.x, SD 2.x, SDXL): discrete timesteps, the ε or v loss derived from
-ComfyUI's x0 prediction, SDXL's ADM vector, gradient checkpointing and the weight offsets (docs/COMFYUI.md §2)."""
+ComfyUI's x0 prediction, SDXL's ADM vector, gradient checkpointing, the weight offsets and the dual path over the
+attention modules (docs/COMFYUI.md §2)."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import comfy.model_sampling
 import torch
@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from ...trainers.concept import Arch
 from .denoise import apply_model, per_sample
 from .text_side import ComfyCond
-from .weight_offsets import LoraDelta, Offsets, attention_targets
+from .weight_offsets import DualPathAttention, LoraDelta, Offsets, attention_modules, attention_targets
 
 
 def _checkpointed(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -40,6 +40,7 @@ class DiscreteUNet:
         self.v_prediction = isinstance(self.sampling, comfy.model_sampling.V_PREDICTION)
         self.num_timesteps = len(self.sampling.sigmas)
         self.offsets = Offsets()
+        self._dual_path = False
         self._adm_sizes: dict[tuple[int, int], Tensor] = {}
         if dtype is not None:
             model.set_model_compute_dtype(dtype)
@@ -74,13 +75,17 @@ class DiscreteUNet:
         self.offsets.scale = scale
         return bool(new)
 
-    @contextlib.contextmanager
-    def without_offsets(self) -> Iterator[None]:
-        self.offsets.enabled = False
-        try:
-            yield
-        finally:
-            self.offsets.enabled = True
+    def enable_dual_path(self) -> bool:
+        """Wrap every attention module's forward in a `DualPathAttention`, once; True when it did (the object
+        patches take effect on the next load). A prediction runs the dual path when its transformer_options carry
+        `weight_offsets.DUAL_PATH`."""
+        if self._dual_path:
+            return False
+        for path, cross in attention_modules(self.model.model.diffusion_model):
+            name = f"diffusion_model.{path}.forward"
+            self.model.add_object_patch(name, DualPathAttention(self.model.get_model_object(name), self.offsets, cross))
+        self._dual_path = True
+        return True
 
     def latents_in(self, latents: Tensor) -> Tensor:
         return self.model.model.process_latent_in(latents)
@@ -118,7 +123,7 @@ class DiscreteUNet:
         options = self.transformer_options
         patches = {**options.get("patches", {})}
         patches["input_block_patch"] = [*patches.get("input_block_patch", []), capture]
-        with self.without_offsets():
+        with self.offsets.disabled():
             self.predict(latents, cond, noise, timesteps, {**options, "patches": patches})
         return torch.cat(blocks, dim=-1)
 

@@ -84,12 +84,19 @@ class TinyDenoiser(nn.Module):
         self.k = nn.Linear(context_dim, channels)
         self.v = nn.Linear(context_dim, channels)
         self.head = nn.Conv2d(channels, 4, 3, padding=1)
+        self.offsets: dict[str, tuple[Tensor, Tensor]] = {}  # "q.weight" … → (up [out, r], down [r, in])
+
+    def project(self, name: str, x: Tensor) -> Tensor:
+        """The projection `name` with its weight offset W + up@down, when one is set (the tuning encoder's LoRA)."""
+        layer = getattr(self, name)
+        up, down = self.offsets.get(f"{name}.weight", (None, None))
+        return layer(x) if up is None else F.linear(x, layer.weight + up @ down, layer.bias)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         h = F.silu(self.stem(x) + self.time(t[:, None].float() / 1000)[:, :, None, None])
         b, c, hh, ww = h.shape
-        q = self.q(h.flatten(2).transpose(1, 2))                                 # [B, hw, c]
-        attn = F.scaled_dot_product_attention(q, self.k(context), self.v(context))
+        q = self.project("q", h.flatten(2).transpose(1, 2))                     # [B, hw, c]
+        attn = F.scaled_dot_product_attention(q, self.project("k", context), self.project("v", context))
         h = h + attn.transpose(1, 2).reshape(b, c, hh, ww)
         return self.head(F.silu(h))
 
@@ -138,6 +145,13 @@ class TinyHost:
         for key, layers in residuals.items():
             for i, (keys, values) in layers.items():
                 self.text[key].layers[i].residual = (keys, values, mask_bias)
+
+    def unet_targets(self, kind: str) -> list[tuple[str, int, int]]:
+        """The tiny denoiser's one cross-attention's projections, whatever the kind."""
+        return [(f"{name}.weight", *getattr(self.unet, name).weight.shape) for name in ("q", "k", "v")]
+
+    def wrap_unet_weights(self, offsets: Mapping[str, tuple[Tensor, Tensor]], scale: float) -> None:
+        self.unet.offsets.update({k: (scale * up, down) for k, (up, down) in offsets.items()})
 
     def encode(self, prompts: Sequence[list[Any]], vectors: Mapping[str, Tensor]) -> TinyCond:
         outs = []

@@ -2,9 +2,10 @@
 
 The parameters start at the encoder's prediction — or, without encoder weights, at the class word's rows and
 zero offsets (up = 0, down random, as LoRA initialises), which makes this a fast LoRA + embedding tuner. The
-offsets act on the UNet through the host's differentiable weight wrappers. With `blend` < 1 the loss uses the
-dual path of docs/METHODS.md §6.2: blend·(soft embedding, W + ΔW) + (1 − blend)·(nearest hard token, W).
-Choices the paper does not report (learning rate, blend, penalty, targets) are this pack's, marked as such.
+offsets act on the UNet through the host's differentiable weight wrappers. Two parts of DATE (docs/METHODS.md §6.2)
+can each be switched off for ablation: the dual path (`blend` < 1: every attention branch of the UNet is
+blend·(soft embedding, W + ΔW) + (1 − blend)·(nearest hard token, W)) and the nearest-token contrastive term
+(`contrastive` > 0). Choices the paper does not report (learning rate, blend, weights, targets) are this pack's.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from ..concept import Arch, Concept, Method, cpu_float
 from ..host import Host
-from ..tuning_encoder import nearest_tokens
+from ..tuning_encoder import contrastive_loss, nearest_tokens
 from .base import init_vectors
 
 Targets = Literal["attention q/k/v/out", "attention q/k/v", "cross-attention k/v"]
@@ -32,6 +33,7 @@ class Options:
     targets: Targets = "attention q/k/v/out"  # the issue's default; E4T offsets q/k/v only
     blend: float = 1.0            # α of the dual path; 1 = the adapted path only (the paper's α is not reported)
     offset_penalty: float = 1e-4  # λ·‖e − E[class]‖², E4T's tuning-time default
+    contrastive: float = 0.01     # weight of the nearest-token contrastive term; 0 = off (this pack's, not the paper's)
     weight_decay: float = 0.0
 
 
@@ -58,14 +60,15 @@ class TunedPrediction:
         self.rank = self.downs[0].shape[0] if self.downs else options.rank
         host.wrap_unet_weights({key: (up, down) for (key, _, _), up, down in
                                 zip(self.targets, self.ups, self.downs, strict=True)}, scale=1.0)
+        needs_tables = options.blend < 1 or options.contrastive > 0
+        self.tables = {k: host.vocabulary(k) for k in self.embeddings} if needs_tables else {}
         if options.blend < 1:
-            tables = {k: host.vocabulary(k) for k in self.embeddings}
+            host.set_dual_path(options.blend, self.hard_tokens)
 
-            def hard_tokens() -> dict[str, Tensor]:
-                return {k: tables[k][nearest_tokens(e.detach(), tables[k])[:, 0]].to(e) for k, e in
-                        self.embeddings.items()}
-
-            host.set_reference(options.blend, hard_tokens)
+    def hard_tokens(self) -> dict[str, Tensor]:
+        """The dual path's hard prompt: each embedding row replaced by its nearest vocabulary row."""
+        return {k: self.tables[k][nearest_tokens(e.detach(), self.tables[k])[:, 0]].to(e)
+                for k, e in self.embeddings.items()}
 
     def vectors(self) -> dict[str, Tensor]:
         return dict(self.embeddings)
@@ -74,10 +77,14 @@ class TunedPrediction:
         return [*self.embeddings.values(), *self.ups, *self.downs]
 
     def regularizer(self) -> Tensor | None:
-        if not self.options.offset_penalty:
-            return None
-        return self.options.offset_penalty * sum(((e - self.class_embeddings[k]) ** 2).sum()
-                                                 for k, e in self.embeddings.items())  # type: ignore[return-value]
+        o, terms = self.options, []
+        if o.offset_penalty:
+            terms += [o.offset_penalty * ((e - self.class_embeddings[k]) ** 2).sum()
+                      for k, e in self.embeddings.items()]
+        if o.contrastive:  # each row on its own: the concept's rows are not other concepts to push apart
+            terms += [o.contrastive * contrastive_loss(row[None], self.tables[k]) / len(e)
+                      for k, e in self.embeddings.items() for row in e]
+        return sum(terms) if terms else None  # type: ignore[return-value]
 
     def optimizer(self, learning_rate: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=learning_rate, weight_decay=self.options.weight_decay)
@@ -102,7 +109,7 @@ class TunedPrediction:
     def to_concept(self, name: str, arch: Arch, provenance: Mapping[str, Any]) -> Concept:
         o = self.options
         state = {"class_word": self.class_word, "rank": self.rank, "targets": o.targets, "layers": len(self.targets),
-                 "blend": o.blend, "encoder": self.encoder}
+                 "blend": o.blend, "contrastive": o.contrastive, "encoder": self.encoder}
         return Concept(name=name, method="tuning_encoder", arch=arch, state=state, provenance=dict(provenance),
                        vectors={k: cpu_float(v) for k, v in self.embeddings.items()},
                        tensors={f"lora.{k}": v for k, v in self.lora_state_dict().items()})

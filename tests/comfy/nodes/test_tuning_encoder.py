@@ -95,7 +95,7 @@ def test_an_encoder_predicts_the_start_and_a_mismatched_one_is_refused(model_fol
                                rank=2, hidden=16)
     encoder = TuningEncoder(config, seed=1)
     with torch.no_grad():
-        for head in [*encoder.embedding_heads.values(), encoder.scale_head]:
+        for head in [*encoder.embedding_heads.values(), *encoder.up_heads, *encoder.down_heads]:
             head.weight.normal_(0, 0.5)
     folder = model_folders / "concept_encoders"
     save_encoder(encoder, folder / "tiny.safetensors")
@@ -108,3 +108,93 @@ def test_an_encoder_predicts_the_start_and_a_mismatched_one_is_refused(model_fol
         run_node(TuningEncoderNode, **tuning_inputs(encoder="tiny.safetensors", clip_vision=vision))
     with pytest.raises(ValueError, match="connect a CLIP Vision Loader"):
         run_node(TuningEncoderNode, **tuning_inputs(encoder="tiny.safetensors"))
+
+
+# -- the dual path (DATE, docs/METHODS.md §6.2): per attention branch α·soft + (1 − α)·hard --------------------------
+PROMPT = "a photo of {} on the beach"
+
+
+def dual_path_setup(host, soft=True):
+    """Seeded rank-2 offsets on every attention projection (installed when `soft`), a random soft embedding, the
+    hard vectors (the word "dog") and fixed draws."""
+    g = torch.Generator().manual_seed(0)
+    table = host.vocabulary("l")
+    hard = {"l": table[host.token_ids("l", "dog")].detach().float()}
+    embedding = torch.nn.Parameter(torch.randn(1, table.shape[1], generator=g))
+    targets = host.unet_targets("attention q/k/v/out")
+    factors = [(torch.nn.Parameter(torch.randn(o, 2, generator=g) * 0.3),
+                torch.nn.Parameter(torch.randn(2, i, generator=g) * 0.3)) for _, o, i in targets]
+    if soft:
+        host.wrap_unet_weights({key: f for (key, _, _), f in zip(targets, factors, strict=True)}, 1.0)
+    draws = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g), torch.tensor([400])
+    return embedding, factors, hard, draws
+
+
+def dual_path_loss(alpha=None, soft=True, checkpointing=False):
+    """The tiny SD 1.x loss of `dual_path_setup`'s prompt. `alpha` None: no dual path; `soft` False: neither offsets
+    nor the soft embedding but the hard prompt itself (the unpatched model's loss on it). Returns the loss, the hard
+    prompt's cross-attention tensor and the gradients of (embedding, first up, first down)."""
+    model, clip, vae = tc.tiny_model("sd1"), tc.tiny_clip("sd1"), tc.tiny_vae()
+    with torch.inference_mode(False), torch.enable_grad():
+        with ComfyHost(model, clip, vae, "sd1", gradient_checkpointing=checkpointing) as host:
+            embedding, factors, hard, (latents, noise, timesteps) = dual_path_setup(host, soft)
+            if alpha is not None:
+                host.set_dual_path(alpha, lambda: hard)
+            cond = host.encode([host.prepare_prompt(PROMPT, 1)], {"l": embedding} if soft else hard)
+            loss = host.loss(latents, cond, noise, timesteps).sum()
+            if loss.requires_grad:
+                loss.backward()
+            with torch.no_grad():
+                hard_context = host.encode([host.prepare_prompt(PROMPT, 1)], hard).cross_attn
+            grads = [embedding.grad, *factors[0]]
+            grads[1:] = [p.grad for p in grads[1:]]
+    return float(loss.detach()), hard_context, grads
+
+
+def test_the_dual_path_at_alpha_one_changes_nothing():
+    plain, _, plain_grads = dual_path_loss()
+    same, _, same_grads = dual_path_loss(alpha=1.0)
+    assert same == plain and all(torch.equal(a, b) for a, b in zip(same_grads, plain_grads, strict=True))
+
+
+def test_the_dual_path_at_alpha_zero_is_the_unpatched_model_on_the_hard_prompt():
+    hard_only, hard_context, grads = dual_path_loss(alpha=0.0)
+    unpatched, unpatched_context, _ = dual_path_loss(soft=False)
+    soft, _, _ = dual_path_loss()
+    assert hard_only == pytest.approx(unpatched, rel=1e-6, abs=1e-7) and abs(soft - unpatched) > 1e-4
+    assert torch.equal(hard_context, unpatched_context)
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in grads)  # the soft branch weighs nothing
+
+
+def test_the_dual_path_blends_every_attention_branch_and_trains_the_soft_one():
+    half, _, grads = dual_path_loss(alpha=0.5)
+    soft, _, _ = dual_path_loss()
+    hard, _, _ = dual_path_loss(soft=False)
+    assert min(abs(half - soft), abs(half - hard)) > 1e-5
+    assert all(g is not None and g.abs().max() > 0 for g in grads)  # the embedding, an up and a down
+    checkpointed, _, checkpointed_grads = dual_path_loss(alpha=0.5, checkpointing=True)
+    assert checkpointed == pytest.approx(half, rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(checkpointed_grads, grads, strict=True))
+
+
+def test_the_whole_output_blend_is_gone_and_flow_models_refuse_the_dual_path():
+    from concept_forge.nodes.host.flow import FlowDiT
+
+    assert not hasattr(ComfyHost, "set_reference")
+    with pytest.raises(ValueError, match="Tuning Encoder: the dual path \\(blend < 1\\) runs on the UNet families"):
+        FlowDiT.enable_dual_path(object.__new__(FlowDiT))
+    model, clip, vae = tc.tiny_model("sd1"), tc.tiny_clip("sd1"), tc.tiny_vae()
+    with torch.inference_mode(False), torch.no_grad(), ComfyHost(model, clip, vae, "sd1") as host:
+        embedding, _, hard, (latents, noise, timesteps) = dual_path_setup(host)
+        prompt = [host.prepare_prompt(PROMPT, 1)]
+        cond, hard_cond = host.encode(prompt, {"l": embedding}), host.encode(prompt, hard)
+        noisy, sigma, soft = host.denoiser.predict(latents, cond, noise, timesteps)
+        with host.denoiser.offsets.disabled():
+            reference = host.denoiser.predict(latents, hard_cond, noise, timesteps)[2]
+        output_blend = float(host.denoiser.loss(latents, noisy, sigma, 0.5 * soft + 0.5 * reference, noise))
+        host.set_dual_path(0.5, lambda: hard)
+        assert abs(float(host.loss(latents, cond, noise, timesteps)) - output_blend) > 1e-4 * output_blend
+        with pytest.raises(ValueError, match="α \\(blend\\) must be within \\[0, 1\\], got 1.5"):
+            host.set_dual_path(1.5, None)
+        with pytest.raises(ValueError, match="needs the hard prompt's vectors"):
+            host.set_dual_path(0.5, None)

@@ -1,7 +1,11 @@
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from concept_forge.trainers.encoder_pretrain import read_folder, shard
+from concept_forge.trainers.methods import tuning_encoder as tuning
 from concept_forge.trainers.tuning_encoder import (
     EMBED_SCALE,
     EncoderConfig,
@@ -12,6 +16,7 @@ from concept_forge.trainers.tuning_encoder import (
     nearest_tokens,
     save_encoder,
 )
+from tiny_host import TinyHost
 
 TARGETS = [("diffusion_model.a.attn1.to_q.weight", 5, 7), ("diffusion_model.b.attn2.to_k.weight", 4, 6)]
 CONFIG = EncoderConfig(vision_width=12, unet_width=20, text_widths={"l": 8, "g": 6}, targets=TARGETS, rank=3, hidden=16)
@@ -23,12 +28,47 @@ def features(batch=2, seed=0):
 
 
 def test_an_untrained_encoder_predicts_the_class_word_and_no_offsets():
+    for hypernetwork in ("offsets", "scales"):
+        encoder = TuningEncoder(replace(CONFIG, hypernetwork=hypernetwork))
+        rows = {"l": torch.randn(2, 8), "g": torch.randn(2, 6)}
+        p = encoder(*features(), rows)
+        assert p.embeddings["l"].shape == (2, 2, 8) and torch.equal(p.embeddings["l"][1], rows["l"])
+        assert [u.shape for u in p.up] == [(2, 5, 3), (2, 4, 3)] and all(torch.count_nonzero(u) == 0 for u in p.up)
+        assert [d.shape for d in p.down] == [(2, 3, 7), (2, 3, 6)]
+        assert all(torch.equal(d[0], d[1]) for d in p.down)  # no head yet: one down for every image
+
+
+def test_the_offsets_hypernetwork_predicts_distinct_factors_per_image():
     encoder = TuningEncoder(CONFIG)
-    rows = {"l": torch.randn(2, 8), "g": torch.randn(2, 6)}
-    p = encoder(*features(), rows)
-    assert p.embeddings["l"].shape == (2, 2, 8) and torch.equal(p.embeddings["l"][1], rows["l"])
-    assert [u.shape for u in p.up] == [(2, 5, 3), (2, 4, 3)] and all(torch.count_nonzero(u) == 0 for u in p.up)
-    assert [d.shape for d in p.down] == [(3, 7), (3, 6)]
+    with torch.no_grad():
+        for head in [*encoder.up_heads, *encoder.down_heads]:
+            head.weight.normal_(0, 0.5)
+    p = encoder(*features(), {"l": torch.zeros(1, 8), "g": torch.zeros(1, 6)})
+    for up, down, base in zip(p.up, p.down, encoder.base_down, strict=True):
+        assert (up[0] - up[1]).abs().min() > 0 and (down[0] - down[1]).abs().min() > 0
+        assert not torch.allclose(down[0], base)
+    delta = p.up[0][1] @ p.down[0][1]                                        # [out, in] of image 1
+    assert delta.shape == (5, 7) and delta.abs().max() > 0
+
+
+def test_the_scales_hypernetwork_scales_learned_factors():
+    encoder = TuningEncoder(replace(CONFIG, hypernetwork="scales"))
+    with torch.no_grad():
+        encoder.scale_head.bias.copy_(torch.arange(6.0))
+    p = encoder(*features(), {"l": torch.zeros(1, 8), "g": torch.zeros(1, 6)})
+    assert torch.equal(p.up[1][0], encoder.lora_up[1] * torch.tensor([3.0, 4.0, 5.0]))
+    assert torch.equal(p.down[1][1], encoder.lora_down[1])
+
+
+def test_configs_round_trip_and_legacy_files_load_as_scales():
+    assert CONFIG.hypernetwork == "offsets" and EncoderConfig.from_json(CONFIG.to_json()) == CONFIG
+    scales = replace(CONFIG, hypernetwork="scales", code=8)
+    assert EncoderConfig.from_json(scales.to_json()) == scales
+    legacy = json.loads(CONFIG.to_json())
+    del legacy["hypernetwork"], legacy["code"]
+    assert EncoderConfig.from_json(json.dumps(legacy)) == replace(CONFIG, hypernetwork="scales")
+    with pytest.raises(ValueError, match="hypernetwork must be one of offsets, scales, got 'lora'"):
+        replace(CONFIG, hypernetwork="lora")
 
 
 def test_a_trained_head_moves_the_embedding_by_the_scaled_offset_per_image():
@@ -50,11 +90,47 @@ def test_weights_follow_the_seed_not_the_global_random_stream():
 
 def test_contrastive_term_pulls_toward_real_words_and_apart():
     table = F.normalize(torch.eye(4), dim=-1)
-    assert float(contrastive_loss(table[:1] * 2, table)) == pytest.approx(0.0, abs=1e-6)  # a batch of one: no negatives
     apart = contrastive_loss(torch.stack([table[0], table[1]]), table, k=1)
     together = contrastive_loss(torch.stack([table[0], table[0] + 0.01 * table[1]]), table, k=1)
     assert float(apart) < float(together)
     assert nearest_tokens(torch.tensor([[0.1, 0.9, 0.0, 0.0]]), table).tolist() == [[1]]
+
+
+def test_contrastive_term_of_one_embedding_falls_as_it_moves_to_its_nearest_rows():
+    g = torch.Generator().manual_seed(0)
+    table, start = torch.randn(40, 8, generator=g), torch.randn(1, 8, generator=g)
+    nearest = table[nearest_tokens(start, table)[0, 0]]
+    losses = [float(contrastive_loss(torch.lerp(start, nearest, t), table)) for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert losses[0] > 0.5 and all(a > b for a, b in zip(losses, losses[1:], strict=False))
+
+
+def test_contrastive_term_counts_the_vocabulary_negatives():
+    e = torch.tensor([[1.0, 0.8, 0.0, 0.0]])
+    table = torch.eye(4)
+    cos = F.normalize(e, dim=-1)[0] / 0.07                                 # cos(e, rows) / τ
+    # k = 1: row 0 the positive, rows 1..3 the negatives (all, or the hardest one)
+    expected = -(cos[0] - torch.logsumexp(cos, 0))
+    assert float(contrastive_loss(e, table, k=1)) == pytest.approx(float(expected), rel=1e-4)
+    assert float(contrastive_loss(e, table, k=1, negatives=1)) == pytest.approx(
+        float(-(cos[0] - torch.logaddexp(cos[0], cos[1]))), rel=1e-4)
+    far = table.clone()
+    far[1] = -far[1]                                                        # the close negative moved away
+    assert float(contrastive_loss(e, far, k=1)) < 0.01 * float(contrastive_loss(e, table, k=1))
+    assert float(contrastive_loss(e, table, k=1, negatives=0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_tuning_adds_the_contrastive_term_per_embedding_row_and_zero_turns_it_off():
+    host = TinyHost()
+    table = host.vocabulary("l")
+    off = tuning.Options(offset_penalty=0.0, contrastive=0.0)
+    assert tuning.build(host, "dog", 0, off).regularizer() is None
+    method = tuning.build(host, "teddy bear", 0, tuning.Options(offset_penalty=0.0, contrastive=0.5))
+    rows = method.embeddings["l"]                                          # [2, d]: "teddy", "bear"
+    term = method.regularizer()
+    expected = 0.5 * (contrastive_loss(rows[:1], table) + contrastive_loss(rows[1:], table)) / 2
+    assert float(term.detach()) == pytest.approx(float(expected.detach()), rel=1e-6) and float(term.detach()) > 0
+    term.backward()
+    assert rows.grad.abs().max() > 0
 
 
 def test_encoder_files_round_trip_and_refuse_another_model(tmp_path):
@@ -73,8 +149,12 @@ def test_image_folders_give_class_words_and_shards_split_them(tmp_path):
     for word in ("dog", "teddy_bear"):
         (tmp_path / word).mkdir()
         (tmp_path / word / "1.png").write_bytes(b"")
-    assert [w for _, w in read_folder(tmp_path)] == ["dog", "teddy bear"]
-    (tmp_path / "captions.txt").write_text("dog/1.png\tpuppy\nbad line\n")
-    with pytest.raises(ValueError, match="captions.txt line 2"):
-        read_folder(tmp_path)
+    assert [w for _, w, _ in read_folder(tmp_path)] == ["dog", "teddy bear"]
+    (tmp_path / "captions.txt").write_text("dog/1.png\tpuppy\nteddy_bear/1.png\tbear\ta small {} on the left\n")
+    assert [(p.name, w, t) for p, w, t in read_folder(tmp_path)] == [("1.png", "puppy", None),
+                                                                     ("1.png", "bear", "a small {} on the left")]
+    for bad in ("bad line", "dog/1.png\tpuppy\ta prompt without the concept"):
+        (tmp_path / "captions.txt").write_text(f"dog/1.png\tpuppy\n{bad}\n")
+        with pytest.raises(ValueError, match="captions.txt line 2"):
+            read_folder(tmp_path)
     assert shard(5, 0, 2) == [0, 2, 4] and shard(5, 1, 2) == [1, 3]
