@@ -4,7 +4,11 @@
         --checkpoint v1-5-pruned-emaonly.safetensors --clip-vision CLIP-ViT-H-14.safetensors \\
         --data /path/to/images --run-dir runs/dogs --steps 20000 --out dogs_encoder
 
-`--data` holds one folder per class word (`dog/`, `mug/`, ...) or a `captions.txt` of `<image>\\t<class word>`.
+Models ComfyUI's checkpoint loader cannot read (the toy world's) come from `--loader FILE:FUNCTION` instead of
+--checkpoint/--clip-vision: a function returning (MODEL, CLIP, VAE, CLIP_VISION).
+
+`--data` holds one folder per class word (`dog/`, `mug/`, ...) or a `captions.txt` of `<image>\\t<class word>`, with
+an optional third column, the image's prompt (`a small {} on the left`; `{}` is the concept).
 Each process encodes its shard of the images once (VAE latents, CLIP vision features), then trains; rank 0
 writes checkpoints and the loss log to --run-dir, and a rerun of the same command resumes from them. The result
 goes to models/concept_encoders/<out>.safetensors, where the Tuning Encoder node lists it. GPUs: one process per
@@ -21,9 +25,9 @@ from typing import Any
 import torch
 
 from ..trainers.data import prepare_images
-from ..trainers.encoder_pretrain import Example, PretrainOptions, pretrain, read_folder, shard
+from ..trainers.encoder_pretrain import Example, Item, PretrainOptions, pretrain, read_folder, shard
 from ..trainers.host import Host
-from ..trainers.tuning_encoder import EncoderConfig, TuningEncoder
+from ..trainers.tuning_encoder import HYPERNETWORKS, EncoderConfig, TuningEncoder
 
 PROBE_TIMESTEP = 500
 
@@ -31,8 +35,10 @@ PROBE_TIMESTEP = 500
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="pretrain_encoder.py", description="Pretrain the Tuning Encoder.")
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI folder ($COMFYUI_PATH)")
-    ap.add_argument("--checkpoint", required=True, help="a checkpoint file (path, or a name in models/checkpoints)")
-    ap.add_argument("--clip-vision", required=True, help="a CLIP vision file (path, or a name in models/clip_vision)")
+    ap.add_argument("--checkpoint", help="a checkpoint file (path, or a name in models/checkpoints)")
+    ap.add_argument("--clip-vision", help="a CLIP vision file (path, or a name in models/clip_vision)")
+    ap.add_argument("--loader", help="FILE:FUNCTION returning (MODEL, CLIP, VAE, CLIP_VISION), in place of "
+                    "--checkpoint and --clip-vision")
     ap.add_argument("--data", type=Path, required=True, help="image folder: one subfolder per class word")
     ap.add_argument("--run-dir", type=Path, required=True, help="checkpoints and the loss log; reruns resume here")
     ap.add_argument("--out", default="", help="name of the encoder file in models/concept_encoders (none: keep it "
@@ -42,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--learning-rate", type=float, default=1e-4)
     ap.add_argument("--rank", type=int, default=4, help="LoRA rank")
     ap.add_argument("--hidden", type=int, default=256, help="width of the encoder's trunk")
+    ap.add_argument("--hypernetwork", choices=HYPERNETWORKS, default="offsets", help="what the hypernetwork predicts: "
+                    "the LoRA factors per layer (offsets, DATE's) or r scales per layer over shared factors")
+    ap.add_argument("--code", type=int, default=64, help="width of the offsets hypernetwork's shared bottleneck")
+    ap.add_argument("--contrastive", type=float, default=0.01, help="weight of the nearest-token contrastive term "
+                    "(0: off)")
+    ap.add_argument("--blend", type=float, default=0.8, help="α of the dual path (1: off)")
     ap.add_argument("--targets", default="attention q/k/v/out")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--checkpoint-every", type=int, default=500)
@@ -49,26 +61,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def encoder_for(host: Host, vision: torch.Tensor, latent: torch.Tensor, targets: str, rank: int, hidden: int,
-                seed: int) -> TuningEncoder:
+def encoder_for(host: Host, vision: torch.Tensor, latent: torch.Tensor, args: argparse.Namespace) -> TuningEncoder:
     """A new encoder shaped for this model: its feature widths come from one probe image."""
     noise = torch.zeros_like(latent)
     unet = host.unet_features(latent, noise, torch.tensor([PROBE_TIMESTEP], device=latent.device))
     config = EncoderConfig(vision.shape[-1], unet.shape[-1], {k: e.width for k, e in host.encoders.items()},
-                           host.unet_targets(targets), rank, hidden)
-    return TuningEncoder(config, seed)
+                           host.unet_targets(args.targets), args.rank, args.hidden, args.hypernetwork, args.code)
+    return TuningEncoder(config, args.seed)
 
 
-def examples_from(host: Host, pairs: list[tuple[Path, str]], resolution: int) -> list[Example]:
+def examples_from(host: Host, items: list[Item], resolution: int) -> list[Example]:
     """Encode each image once: its VAE latent and its CLIP vision features."""
     import numpy as np
     from PIL import Image
 
     examples = []
-    for path, word in pairs:
+    for path, word, template in items:
         image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)[None]
         pixels = prepare_images(image, resolution)
-        examples.append(Example(host.encode_images(pixels)[0], host.image_features(pixels)[0], word))
+        examples.append(Example(host.encode_images(pixels)[0], host.image_features(pixels)[0], word, template))
     return examples
 
 
@@ -77,10 +88,10 @@ def train_on_folder(host: Host, args: argparse.Namespace, rank: int, world: int)
     pairs = read_folder(args.data)
     mine = [pairs[i] for i in shard(len(pairs), rank, world)]
     examples = examples_from(host, mine, args.resolution)
-    encoder = encoder_for(host, examples[0].vision[None], examples[0].latent[None], args.targets, args.rank,
-                          args.hidden, args.seed).to(host.device)
+    encoder = encoder_for(host, examples[0].vision[None], examples[0].latent[None], args).to(host.device)
     options = PretrainOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                              checkpoint_every=args.checkpoint_every, seed=args.seed)
+                              contrastive=args.contrastive, blend=args.blend, checkpoint_every=args.checkpoint_every,
+                              seed=args.seed)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     return pretrain(host, encoder, examples, options, args.run_dir, rank, world,
                     log=lambda line: print(f"[rank {rank}] {line}", flush=True))
@@ -99,6 +110,9 @@ def distributed() -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.loader and not (args.checkpoint and args.clip_vision):
+        print("Name the models: --checkpoint and --clip-vision, or --loader FILE:FUNCTION.")
+        return 2
     if not args.comfyui or not Path(args.comfyui, "comfy", "sd.py").is_file():
         print("No ComfyUI found: pass --comfyui PATH or set COMFYUI_PATH.")
         return 2
@@ -114,10 +128,15 @@ def main(argv: list[str] | None = None) -> int:
 
     rank, world = distributed()
     register_model_folders()
-    checkpoint = _model_file("checkpoints", args.checkpoint, folder_paths)
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-        checkpoint, embedding_directory=folder_paths.get_folder_paths("embeddings"))
-    clip_vision = comfy.clip_vision.load(_model_file("clip_vision", args.clip_vision, folder_paths))
+    if args.loader:
+        model, clip, vae, clip_vision = _call(args.loader)
+        source = args.loader
+    else:
+        checkpoint = _model_file("checkpoints", args.checkpoint, folder_paths)
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            checkpoint, embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        clip_vision = comfy.clip_vision.load(_model_file("clip_vision", args.clip_vision, folder_paths))
+        source = Path(checkpoint).name
     arch = detect_arch(model, clip, "pretrain_encoder")
     with torch.inference_mode(False), torch.enable_grad():
         with ComfyHost(model, clip, vae, arch, clip_vision=clip_vision) as host:
@@ -126,9 +145,23 @@ def main(argv: list[str] | None = None) -> int:
         from ..trainers.tuning_encoder import save_encoder
 
         out = Path(folder_paths.get_folder_paths(ENCODERS)[0]) / f"{args.out}.safetensors"
-        save_encoder(encoder, out, {"checkpoint": Path(checkpoint).name})
+        save_encoder(encoder, out, {"checkpoint": source})
         print(f"wrote {out}")
     return 0
+
+
+def _call(spec: str) -> Any:
+    """Call FUNCTION of the Python file FILE (`FILE:FUNCTION`)."""
+    import importlib.util
+
+    file, _, function = spec.rpartition(":")
+    if not file or not Path(file).is_file():
+        raise SystemExit(f"--loader {spec}: expected FILE:FUNCTION with an existing Python file.")
+    module_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return getattr(module, function)()
 
 
 def _model_file(folder: str, name: str, folder_paths: Any) -> str:

@@ -28,7 +28,8 @@ def summary(learned: Learned) -> str:
     learns = "" if c.method == "catversion" else f"{c.num_vectors} vector(s) per encoder, "
     lines = [f"{c.name}: {c.method.upper()} on {ARCH_LABELS[c.arch]}, {learns}{p['steps']} steps at learning rate "
              f"{learned.learning_rate:g} ({p['base_learning_rate']:g} per sample), {learned.resolution} px.",
-             f"Training loss {r.losses[0]:.4f} → {r.losses[-1]:.4f}."]
+             f"Training loss {r.losses[0]:.4f} → {r.losses[-1]:.4f}." if r.losses else
+             "No training step: the starting point as it is."]
     if r.heldout_before is not None and r.heldout_after is not None:
         change = 100 * (r.heldout_after - r.heldout_before) / r.heldout_before
         lines.append(f"Held-out loss {r.heldout_before:.4f} → {r.heldout_after:.4f} ({change:+.1f}%).")

@@ -187,8 +187,8 @@ def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor | Sequence[torch
                 raise
             finally:
                 progress.finish()
-    final = {**record, "final_loss": result.losses[-1], "heldout_loss_before": result.heldout_before,
-             "heldout_loss_after": result.heldout_after}
+    final = {**record, "final_loss": result.losses[-1] if result.losses else None,
+             "heldout_loss_before": result.heldout_before, "heldout_loss_after": result.heldout_after}
     return Learned(method.to_concept(s.name, arch, final), result, lr, resolution, method.report())
 
 

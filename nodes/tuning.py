@@ -55,8 +55,10 @@ def predicted(host: ComfyHost, pixels: torch.Tensor, encoder: TuningEncoder, enc
     unet = host.unet_features(latent, noise, torch.tensor([FEATURE_TIMESTEP], device=latent.device))
     problems = mismatches(encoder.config, expected_config(host, encoder, vision, unet, options.targets))
     if problems:
-        raise ValueError(f"{NODE}: the encoder {encoder_name} does not fit this model: {'; '.join(problems)}. "
-                         "Use an encoder pretrained for this checkpoint type and these targets.")
+        made_for = f" It was pretrained on {encoder.made_for}." if encoder.made_for else ""
+        raise ValueError(f"{NODE}: the encoder {encoder_name} was made for another model: {'; '.join(problems)}."
+                         f"{made_for} Choose an encoder pretrained for this checkpoint type, vision model and "
+                         "targets, or encoder none.")
     class_embeddings = init_vectors(host, class_word, 0)
     encoder = encoder.to(host.device)
     with torch.no_grad():
@@ -86,11 +88,12 @@ class TuningEncoderNode(io.ComfyNode):
                 io.String.Input("class_word", default="object", tooltip="The concept's class ('dog', 'mug'); the "
                                 "embedding is predicted near it, and starts at it without encoder weights."),
                 io.Combo.Input("encoder", options=[NO_ENCODER, *folder_paths.get_filename_list(ENCODERS)],
-                               default=NO_ENCODER, tooltip="Pretrained encoder weights from models/concept_encoders. "
-                               "none: start from the class word and zero offsets — then this is a fast LoRA + "
-                               "embedding tuner."),
-                io.Int.Input("tuning_steps", default=12, min=1, max=1000, tooltip="Steps refining the prediction. "
-                             "The paper uses 12 or fewer."),
+                               default=NO_ENCODER, tooltip="Pretrained encoder weights from models/concept_encoders "
+                               "(tools/pretrain_encoder.py makes them for a checkpoint type). none: start from the "
+                               "class word and zero offsets — then this is a plain LoRA + embedding tuner, which "
+                               f"needs {tuning.NO_WEIGHTS_STEPS} tuning steps, not 12."),
+                io.Int.Input("tuning_steps", default=12, min=0, max=1000, tooltip="Steps refining the prediction. "
+                             "The paper uses 12 or fewer; 0 keeps the encoder's prediction as it is."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=0.0001, tooltip="Per-sample "
                                "learning rate of the tuning steps. 0 uses this pack's default, 0.001 (the paper "
                                "does not report one)."),
@@ -99,9 +102,13 @@ class TuningEncoderNode(io.ComfyNode):
                                "(default), q/k/v (E4T), or the cross-attention k/v (Custom Diffusion)."),
                 io.Int.Input("rank", default=4, min=1, max=128, tooltip="LoRA rank without encoder weights; an "
                              "encoder brings its own."),
-                io.Float.Input("blend", default=1.0, min=0.0, max=1.0, step=0.05, tooltip="α of the dual path while "
-                               "tuning: α·(soft token, offsets) + (1 − α)·(nearest real word, original weights). 1 "
-                               "turns it off; the paper's value is not reported."),
+                io.Float.Input("blend", default=tuning.Options.blend, min=0.0, max=1.0, step=0.05,
+                               tooltip="α of the dual path while tuning, in every attention block: α·(soft token, "
+                               "offsets) + (1 − α)·(nearest real word, original weights). 1 turns it off; the "
+                               "paper's value is not reported (README: how this one was chosen)."),
+                io.Float.Input("contrastive", default=tuning.Options.contrastive, min=0.0, max=1.0, step=0.001,
+                               tooltip="Weight of the term that keeps the embedding near its nearest real words and "
+                               "away from the rest of the vocabulary. 0 turns it off."),
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=8, tooltip="Tuning resolution; 0 uses "
                              "the model's own (512 / 768 / 1024)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
@@ -123,9 +130,10 @@ class TuningEncoderNode(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, name: str = "my_concept", class_word: str = "object", encoder: str = NO_ENCODER,
                         learning_rate: float = 0.0, targets: str = "attention q/k/v/out",
-                        blend: float = 1.0) -> bool | str:
+                        blend: float = tuning.Options.blend,
+                        contrastive: float = tuning.Options.contrastive) -> bool | str:
         problem = schema_problem(cls, NODE, name=name, class_word=class_word, encoder=encoder,
-                                 learning_rate=learning_rate, targets=targets, blend=blend)
+                                 learning_rate=learning_rate, targets=targets, blend=blend, contrastive=contrastive)
         if problem:
             return problem
         if name is not None and name_problem(name):  # None: linked, checked when the node runs
@@ -136,8 +144,8 @@ class TuningEncoderNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, name, class_word, encoder, tuning_steps, learning_rate, targets, rank,
-                blend, resolution, seed, clip_vision=None) -> io.NodeOutput:
-        options = tuning.Options(rank=rank, targets=targets, blend=blend)
+                blend, contrastive, resolution, seed, clip_vision=None) -> io.NodeOutput:
+        options = tuning.Options(rank=rank, targets=targets, blend=blend, contrastive=contrastive)
         weights = None if encoder == NO_ENCODER else load_encoder(folder_paths.get_full_path_or_raise(ENCODERS,
                                                                                                        encoder))
         if weights is not None and clip_vision is None:

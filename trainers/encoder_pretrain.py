@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -138,6 +139,7 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
     captioned = {t: host.prepare_prompt(t, 1) for t in sorted({e.template for e in examples if e.template})}
     targets = [key for key, _, _ in encoder.config.targets]
 
+    started = time.perf_counter()
     for step in range(first, options.steps + 1):
         gen = seeded(options.seed, step * 1009 + rank)  # a function of (seed, step, rank): resumable exactly
         chosen = torch.randint(len(examples), (options.batch_size,), generator=gen).tolist()
@@ -176,9 +178,10 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
             value = float(total) / world
         losses.append(value)
         if rank == 0 and (step % options.log_every == 0 or step == options.steps):
-            log(f"step {step}/{options.steps} loss {value:.5f}")
+            rate = (step - first + 1) * options.batch_size * world / (time.perf_counter() - started)
+            log(f"step {step}/{options.steps} loss {value:.5f} ({rate:.1f} images/s)")
             with open(run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "loss": value}) + "\n")
+                f.write(json.dumps({"step": step, "loss": value, "images_per_s": rate}) + "\n")
         if options.checkpoint_every and (step % options.checkpoint_every == 0 or step == options.steps):
             if rank == 0:
                 save_state(TrainState(step, [p.detach().clone() for p in encoder.parameters()],

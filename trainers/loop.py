@@ -38,7 +38,7 @@ def scaled_learning_rate(base: float, batch_size: int, grad_accum: int) -> float
 class LoopOptions:
     """
     Args:
-        steps (`int`): optimizer steps.
+        steps (`int`): optimizer steps; 0 keeps the method's starting point (the Tuning Encoder's prediction).
         learning_rate (`float`): the effective learning rate (see `scaled_learning_rate`).
         batch_size (`int`, defaults to 1): samples per forward pass.
         grad_accum (`int`, defaults to 1): forward passes per optimizer step.
@@ -63,7 +63,9 @@ class LoopOptions:
     checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum"):
+        if self.steps < 0:
+            raise ValueError(f"steps must be at least 0, got {self.steps}.")
+        for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):

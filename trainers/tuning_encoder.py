@@ -91,6 +91,8 @@ def _zero(linear: nn.Linear) -> nn.Linear:
 
 
 class TuningEncoder(nn.Module):
+    made_for: str | None = None  # the checkpoint it was pretrained on, when its file says
+
     def __init__(self, config: EncoderConfig, seed: int = 0):
         super().__init__()
         self.config = c = config
@@ -201,6 +203,7 @@ def load_encoder(path: str | os.PathLike[str]) -> TuningEncoder:
             raise ValueError(f"{Path(path).name} is not a Concept Forge tuning encoder (no {ENCODER_KEY} metadata).")
         encoder = TuningEncoder(EncoderConfig.from_json(metadata[ENCODER_KEY]))
         encoder.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+    encoder.made_for = metadata.get("checkpoint")  # what it was pretrained on, for refusals
     return encoder
 
 

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,9 +44,10 @@ from pack_import import import_pack  # noqa: E402
 
 from toyworld import protocol, report, world  # noqa: E402
 from toyworld.judge import load_judge, predict  # noqa: E402  (imports ComfyUI: COMFYUI_PATH)
-from toyworld.models import load_clip, load_model, load_vae  # noqa: E402
+from toyworld.models import WEIGHTS, load_clip, load_model, load_vae  # noqa: E402
 from toyworld.protocol import CLASS_WORD, GROUP_SEEDS, PER_GROUP, Row  # noqa: E402
 from toyworld.sampling import generate  # noqa: E402
+from toyworld.vision import install  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CELLS = ROOT / "bench" / "results" / "toyworld"   # the raw cells are evidence too: kept, and continued from
@@ -54,15 +56,20 @@ LAST_ONLY = 100000   # checkpoint_every: only a run's last step is checkpointed,
 
 
 def use_scratch_folders() -> None:
-    """The pack's model folders in a temporary directory (checkpoints go there; nothing else is written)."""
+    """The pack's model folders and clip_vision in a temporary directory (checkpoints go there, the pretrained
+encoders and the vision tower's stock file are copied there)."""
     import tempfile
 
     import folder_paths
     from concept_forge.nodes.paths import CONCEPTS, ENCODERS
 
     scratch = Path(tempfile.mkdtemp(prefix="toyworld-"))
-    for folder in (CONCEPTS, ENCODERS):
+    for folder in (CONCEPTS, ENCODERS, "clip_vision"):
         folder_paths.folder_names_and_paths[folder] = ([str(scratch / folder)], {".safetensors"})
+    (scratch / ENCODERS).mkdir()
+    for name in protocol.ENCODERS.values():  # the pretrained encoders, where the node's dropdown finds them
+        if (WEIGHTS / name).exists():
+            shutil.copyfile(WEIGHTS / name, scratch / ENCODERS / name)
 
 
 def run_node(node_class: Any, **inputs: Any) -> Any:
@@ -84,6 +91,17 @@ class Scorer:
     def __init__(self) -> None:
         self.clip, self.vae, self.model, self.judge = load_clip(), load_vae(), load_model(), load_judge()
         self.reference_features: dict[str, torch.Tensor] = {}
+        self._clip_vision: Any = None
+
+    def clip_vision(self) -> Any:
+        """The vision tower as the stock Load CLIP Vision loads it (installed once in the scratch folders)."""
+        if self._clip_vision is None:
+            import comfy.clip_vision
+            import folder_paths
+
+            self._clip_vision = comfy.clip_vision.load(str(install(Path(
+                folder_paths.get_folder_paths("clip_vision")[0]))))
+        return self._clip_vision
 
     @property
     def width(self) -> int:
@@ -171,12 +189,13 @@ def learn(scorer: Scorer, row: Row, concept: world.Concept, seed: int, steps: in
     from concept_forge.nodes.tuning import TuningEncoderNode
 
     images, class_word = scorer.references(concept), CLASS_WORD[concept.name]
-    if row.method == "tuning_encoder":
+    if row.method == "tuning_encoder":  # one reference; the row's options are the node's inputs
+        encoder = {"clip_vision": scorer.clip_vision()} if "encoder" in row.options else {}
         model, clip, learned, _ = run_node(
             TuningEncoderNode, **{**node_defaults(TuningEncoderNode), "model": scorer.model, "clip": scorer.clip,
                                   "vae": scorer.vae, "image": images[:1], "name": concept.name,
                                   "class_word": class_word, "resolution": world.RES, "seed": seed,
-                                  "tuning_steps": steps})
+                                  "tuning_steps": steps, **row.options, **encoder})
         return model, clip, learned
     with training_templates(row):
         learned, clip, _, _ = run_node(

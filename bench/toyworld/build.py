@@ -1,4 +1,4 @@
-"""Build the toy world's base models from seeds: VAE, judge, training data, then UNet + CLIP.
+"""Build the toy world's base models from seeds: VAE, judge, training data, UNet + CLIP, then the CLIP vision tower.
 
     COMFYUI_PATH=/opt/comfyui python bench/toyworld/build.py                  # all stages: ~9 min on one H200
     COMFYUI_PATH=/opt/comfyui python bench/toyworld/build.py --stages unet --unet-steps 6000   # extend the UNet
@@ -29,7 +29,7 @@ from toyworld.models import WEIGHTS, load_vae, save_weights  # noqa: E402
 HERE = Path(__file__).resolve().parent
 CACHE, LOGS = HERE / "cache", HERE / "logs"
 WORLD_JSON = WEIGHTS / "world.json"
-STAGES = ("vae", "judge", "data", "unet")
+STAGES = ("vae", "judge", "data", "unet", "vision")
 
 
 def record(key: str, value: Any) -> None:
@@ -103,9 +103,15 @@ def stage_unet(opts: argparse.Namespace) -> None:
     record("unet", stats)
 
 
+def stage_vision(opts: argparse.Namespace) -> None:
+    from toyworld.vision import build
+    record("vision", build(opts.vision_steps, log=make_logger("vision")))
+
+
 def outputs(stage: str) -> list[Path]:
     return {"vae": [WEIGHTS / "vae.safetensors"], "judge": [WEIGHTS / "judge.safetensors"],
-            "data": [CACHE / "unet_data.safetensors"], "unet": []}[stage]   # unet: resumes, never skipped
+            "data": [CACHE / "unet_data.safetensors"], "unet": [],   # unet: resumes, never skipped
+            "vision": [WEIGHTS / "vision.safetensors"]}[stage]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -125,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--unet-batch", type=int, default=256)
     parser.add_argument("--unet-time-limit", type=float, help="stop the UNet stage after this many seconds")
     parser.add_argument("--eval-every", type=int, default=1000, help="quick held-in check every N UNet steps")
+    parser.add_argument("--vision-steps", type=int, default=600, help="steps of each of the CLIP vision tower's "
+                        "two runs (batch 64)")
     parser.add_argument("--threads", type=int, default=1)
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)

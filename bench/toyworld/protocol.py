@@ -67,9 +67,33 @@ CATVERSION_BIAS = Row("CatVersion +1 bias", "catversion", 1000, 5e-3, "CatVersio
                       "code's +1 logit bias on the residual keys", batch_size=2, options={"mask_bias": 1.0})
 TUNING_ENCODER = Row("Tuning Encoder, no weights", "tuning_encoder", 12, 0.0, "its node's defaults: 12 steps "
                      "from one reference, no encoder weights", curve=False)
+# The pretrained toy-world encoders (bench/toyworld/weights/encoder*.safetensors, README "Tuning Encoder"): the
+# full one, and one pretrained with each mechanism switched off, tuned with that mechanism off too
+ENCODERS = {"full": "encoder.safetensors", "no contrastive": "encoder_no_contrastive.safetensors",
+            "no dual path": "encoder_no_dual_path.safetensors", "scales": "encoder_scales.safetensors"}
+
+
+def _encoder_row(name: str, steps: int, encoder: str, recipe: str, **options: Any) -> Row:
+    return Row(name, "tuning_encoder", steps, 0.0, recipe, batch_size=1,
+               options={"encoder": ENCODERS[encoder], **options}, curve=False)
+
+
+ENCODER_ROWS = (
+    _encoder_row("Tuning Encoder, prediction", 0, "full", "the pretrained encoder's prediction from one reference, "
+                 "no tuning step"),
+    _encoder_row("Tuning Encoder, 4 steps", 4, "full", "the prediction and 4 tuning steps (node defaults)"),
+    _encoder_row("Tuning Encoder", 12, "full", "the prediction and 12 tuning steps (node defaults)"),
+    _encoder_row("Tuning Encoder, no contrastive term", 12, "no contrastive", "12 steps; encoder pretrained and "
+                 "tuned without the nearest-token contrastive term", contrastive=0.0),
+    _encoder_row("Tuning Encoder, no dual path", 12, "no dual path", "12 steps; encoder pretrained and tuned "
+                 "without the dual path (α = 1)", blend=1.0),
+    _encoder_row("Tuning Encoder, scales hypernetwork", 12, "scales", "12 steps; encoder whose hypernetwork "
+                 "predicts r scales per layer over shared factors instead of the offsets"),
+)
 
 ROWS: dict[str, Row] = {r.name: r for r in (TI, TI_SLOW, DTI, DTI_BETA, BATEX, CATVERSION, CATVERSION_BIAS,
-                                            _no_size(TI), _no_size(DTI), _no_size(BATEX), TUNING_ENCODER)}
+                                            _no_size(TI), _no_size(DTI), _no_size(BATEX), TUNING_ENCODER,
+                                            *ENCODER_ROWS)}
 BASELINE_ROWS = ("class word", "own words")
 
 

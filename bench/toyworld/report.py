@@ -82,7 +82,18 @@ CLAIMS: tuple[tuple[str, str, str, str, Any], ...] = (
     ("TI without size words in its templates obeys 'small' more", "TI, no size words", "TI", "size", 1),
     ("DTI without size words in its templates obeys 'small' more", "DTI, no size words", "DTI", "size", 1),
     ("BaTex without size words in its templates obeys 'small' more", "BaTex, no size words", "BaTex", "size", 1),
+    ("Tuning Encoder from one image in 12 steps keeps TI's identity (TI: four images, 400 steps)", "Tuning Encoder",
+     "TI", "identity", "kept"),
+    ("Tuning Encoder's prompt fidelity is not below TI's", "Tuning Encoder", "TI", "fidelity", "kept"),
+    ("Pretrained encoder weights beat none at 12 steps (identity)", "Tuning Encoder", "Tuning Encoder, no weights",
+     "identity", 1),
+    ("The contrastive term helps (identity × fidelity)", "Tuning Encoder", "Tuning Encoder, no contrastive term",
+     "product", 1),
+    ("The dual path helps (identity × fidelity)", "Tuning Encoder", "Tuning Encoder, no dual path", "product", 1),
+    ("Predicting the offsets is not worse than predicting scales (identity × fidelity)", "Tuning Encoder",
+     "Tuning Encoder, scales hypernetwork", "product", "kept"),
 )
+SPEEDUPS = (("Tuning Encoder", "TI"), ("Tuning Encoder, 4 steps", "TI"))  # (row, against): wall time per concept
 
 
 def judge_claims(cells: Sequence[Cell]) -> list[dict[str, Any]]:
@@ -96,6 +107,21 @@ def judge_claims(cells: Sequence[Cell]) -> list[dict[str, Any]]:
             found = verdict(diff, test)
         out.append({"claim": claim, "row": row, "against": base, "metric": name, "difference": diff,
                     "verdict": found})
+    return out
+
+
+def speedups(cells: Sequence[Cell]) -> list[dict[str, Any]]:
+    """Per (row, against): the median over shared cells of against's wall time per concept ÷ the row's (training
+    through the node, both measured by the benchmark)."""
+    out = []
+    for row, base in SPEEDUPS:
+        mine = {(c["concept"], c["seed"]): c["recipe_train_s"] for c in cells if c["row"] == row}
+        theirs = {(c["concept"], c["seed"]): c["recipe_train_s"] for c in cells if c["row"] == base}
+        ratios = sorted(theirs[k] / mine[k] for k in mine.keys() & theirs.keys())
+        if ratios:
+            out.append({"row": row, "against": base, "cells": len(ratios), "median": statistics.median(ratios),
+                        "range": [ratios[0], ratios[-1]], "row_median_s": statistics.median(mine.values()),
+                        "against_median_s": statistics.median(theirs.values())})
     return out
 
 
@@ -113,7 +139,7 @@ def _f(value: Interval | float | None, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def table(rows: dict[str, Any], claims: list[dict[str, Any]]) -> str:
+def table(rows: dict[str, Any], claims: list[dict[str, Any]], times: Sequence[dict[str, Any]] = ()) -> str:
     lines = ["| row | cells | identity | position | small | blue | fidelity | identity × fidelity | ‖v‖ | "
              "identity − TI | fidelity − TI | small − TI |", "|" + "---|" * 12]
     for row, r in rows.items():
@@ -131,11 +157,16 @@ def table(rows: dict[str, Any], claims: list[dict[str, Any]]) -> str:
                          f" | {rows[row]['steps_to_90']} |")
     lines += ["", "| claim | difference (95% t interval) | verdict |", "|---|---|---|"]
     lines += [f"| {c['claim']} | {_f(c['difference'], 3)} | {c['verdict']} |" for c in claims]
+    if times:
+        lines += ["", "| wall time per concept | row (median) | against (median) | against ÷ row, median (range) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {t['row']} vs {t['against']} | {t['row_median_s']:.1f} s | {t['against_median_s']:.1f} s | "
+                  f"{t['median']:.1f}× ({t['range'][0]:.1f}–{t['range'][1]:.1f}) |" for t in times]
     return "\n".join(lines)
 
 
 def write(cells: Sequence[Cell], out: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
-    rows, claims = summarise(cells), judge_claims(cells)
+    rows, claims, times = summarise(cells), judge_claims(cells), speedups(cells)
     result = {"protocol": {"rows": {name: {"method": r.method, "steps": r.steps, "learning_rate": r.learning_rate,
                                            "effective_learning_rate": r.effective_learning_rate,
                                            "batch_size": r.batch_size, "options": dict(r.options),
@@ -145,9 +176,9 @@ def write(cells: Sequence[Cell], out: Path, say: Callable[[str], None] = print) 
                            "prompts": protocol.scored_prompts("⟨c⟩"), "class_words": protocol.CLASS_WORD,
                            "sampler": "euler/normal, 20 steps, CFG 5"},
               "rows": {row: {k: v for k, v in r.items()} for row, r in rows.items()},
-              "claims": claims, "cells": list(cells)}
+              "claims": claims, "speedups": times, "cells": list(cells)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
-    say(table(rows, claims))
+    say(table(rows, claims, times))
     say(f"wrote {out} ({len(cells)} cells)")
     return result

@@ -153,6 +153,10 @@ class TinyHost:
     def wrap_unet_weights(self, offsets: Mapping[str, tuple[Tensor, Tensor]], scale: float) -> None:
         self.unet.offsets.update({k: (scale * up, down) for k, (up, down) in offsets.items()})
 
+    def set_dual_path(self, alpha: float, hard_vectors: Any) -> None:
+        """Recorded, not run: the tiny denoiser has no attention blocks (the dual path's tests are ComfyUI's)."""
+        self.dual_path = (alpha, hard_vectors)
+
     def encode(self, prompts: Sequence[list[Any]], vectors: Mapping[str, Tensor]) -> TinyCond:
         outs = []
         for key, encoder in self.text.items():

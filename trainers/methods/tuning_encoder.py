@@ -21,6 +21,9 @@ from ..host import Host
 from ..tuning_encoder import contrastive_loss, nearest_tokens
 from .base import init_vectors
 
+# Steps the tuner needs without encoder weights (toy world, README "Tuning Encoder": identity at 12 steps is a
+# tenth of TI's; it needs TI's few hundred)
+NO_WEIGHTS_STEPS = "a few hundred"
 Targets = Literal["attention q/k/v/out", "attention q/k/v", "cross-attention k/v"]
 
 
@@ -31,7 +34,7 @@ class Options:
     flip_p: float = 0.0           # one image: its flip would be a second concept view the paper does not use
     rank: int = 4                 # LoRA rank without encoder weights (with them, the encoder's rank)
     targets: Targets = "attention q/k/v/out"  # the default; E4T offsets q/k/v only
-    blend: float = 1.0            # α of the dual path; 1 = the adapted path only (the paper's α is not reported)
+    blend: float = 0.8            # α of the dual path; 1 = off (the paper's α is not reported; README: how chosen)
     offset_penalty: float = 1e-4  # λ·‖e − E[class]‖², E4T's tuning-time default
     contrastive: float = 0.01     # weight of the nearest-token contrastive term; 0 = off (this pack's, not the paper's)
     weight_decay: float = 0.0
@@ -102,8 +105,9 @@ class TunedPrediction:
     def report(self) -> list[str]:
         numbers = sum(u.numel() + d.numel() for u, d in zip(self.ups, self.downs, strict=True))
         start = (f"Started from the encoder {self.encoder}." if self.encoder else
-                 f"No encoder weights: started from the class word '{self.class_word}' and zero offsets "
-                 "(a fast LoRA + embedding tuner).")
+                 f"No encoder weights: started from the class word '{self.class_word}' and zero offsets, so this "
+                 f"was a plain LoRA + embedding tuner, which needs {NO_WEIGHTS_STEPS} rather than 12 steps; "
+                 "pretrained weights (tools/pretrain_encoder.py) make 12 enough.")
         return [start, f"LoRA rank {self.rank} on {len(self.targets)} attention projections ({numbers} numbers)."]
 
     def to_concept(self, name: str, arch: Arch, provenance: Mapping[str, Any]) -> Concept:

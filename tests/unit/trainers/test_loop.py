@@ -172,7 +172,7 @@ def test_gradient_accumulation_equals_the_larger_batch():
         assert losses == pytest.approx(runs[0][1], abs=1e-6)
 
 
-@pytest.mark.parametrize("field, value", [("steps", 0), ("batch_size", 0), ("learning_rate", float("nan")),
+@pytest.mark.parametrize("field, value", [("steps", -1), ("batch_size", 0), ("learning_rate", float("nan")),
                                           ("flip_p", 1.5)])
 def test_loop_options_refuse_nonsense(field, value):
     kwargs = {"steps": 1, "learning_rate": 0.1, field: value}
