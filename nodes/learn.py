@@ -170,7 +170,7 @@ class LearnConcept(io.ComfyNode):
     def _train(cls, model, clip, vae, images, name, init_word, method, steps, learning_rate, batch_size, vectors,
               resolution, prompts, seed, precision, gradient_checkpointing, mask=None, captions="",
               training_options=None, method_options=None, preview_every=0) -> io.NodeOutput:
-        settings = LearnSettings(name, init_word, method, steps, learning_rate, batch_size, vectors, resolution,
+        settings = LearnSettings(name, init_word, method, steps or None, learning_rate, batch_size, vectors, resolution,
                                  prompts, seed, precision, gradient_checkpointing, captions or "",
                                  training_options or TrainingOptions(), method_options, preview_every or 0)
         learned = learn(model, clip, vae, images, mask, settings, cls.hidden.unique_id, cls.hidden.prompt)

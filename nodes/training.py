@@ -53,7 +53,7 @@ class LearnSettings:
     name: str
     init_word: str
     method: str = "ti"
-    steps: int = 0                  # 0: the method's default
+    steps: int | None = None        # None: the method's default; 0: none (the starting point as it is)
     learning_rate: float = 0.0      # 0: the method's default, per sample
     batch_size: int = 4
     vectors: int = 0                # 0: one per token of the init word
@@ -112,7 +112,7 @@ def learn(model: Any, clip: Any, vae: Any, images: torch.Tensor | Sequence[torch
         frozen = frozen_encoders(encoder_keys(clip), s.training.text_encoders, arch)
     except ValueError as e:
         raise ValueError(f"{node}: {e}") from e
-    steps = s.steps or options.steps
+    steps = options.steps if s.steps is None else s.steps
     base_lr = s.learning_rate or options.learning_rate
     accum = s.training.gradient_accumulation
     lr = scaled_learning_rate(base_lr, s.batch_size, accum) if s.training.scale_learning_rate else base_lr

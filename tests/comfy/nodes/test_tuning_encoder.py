@@ -58,7 +58,7 @@ def test_twelve_tuning_steps_lower_the_heldout_loss():
 def tuning_inputs(**overrides):
     inputs = dict(model=tc.tiny_model("sd1"), clip=tc.tiny_clip("sd1"), vae=tc.tiny_vae(), image=tc.tiny_images(1),
                   name="pup", class_word="dog", encoder="none", tuning_steps=3, learning_rate=0.0,
-                  targets="attention q/k/v/out", rank=2, blend=1.0, resolution=64, seed=0)
+                  targets="attention q/k/v/out", rank=2, blend=1.0, contrastive=0.01, resolution=64, seed=0)
     return {**inputs, **overrides}
 
 
@@ -98,13 +98,20 @@ def test_an_encoder_predicts_the_start_and_a_mismatched_one_is_refused(model_fol
         for head in [*encoder.embedding_heads.values(), *encoder.up_heads, *encoder.down_heads]:
             head.weight.normal_(0, 0.5)
     folder = model_folders / "concept_encoders"
-    save_encoder(encoder, folder / "tiny.safetensors")
+    save_encoder(encoder, folder / "tiny.safetensors", {"checkpoint": "tiny_sd1.safetensors"})
     folder_paths.filename_list_cache.clear()
-    out = run_node(TuningEncoderNode, **tuning_inputs(model=model, clip=clip, vae=vae, encoder="tiny.safetensors",
-                                                      targets="attention q/k/v", clip_vision=vision, tuning_steps=2))
+    inputs = tuning_inputs(model=model, clip=clip, vae=vae, encoder="tiny.safetensors", targets="attention q/k/v",
+                           clip_vision=vision)
+    out = run_node(TuningEncoderNode, **{**inputs, "tuning_steps": 2})
     assert "Started from the encoder tiny.safetensors." in ui_text(out)
-    with pytest.raises(ValueError, match="Tuning Encoder: the encoder tiny.safetensors does not fit this model: 42 "
-                                         "LoRA targets \\(the model has 56 of this kind\\)"):
+    prediction = run_node(TuningEncoderNode, **{**inputs, "tuning_steps": 0})  # the prediction as it is
+    class_word = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight[clip.tokenize("dog")["l"][0][1][0]]
+    assert "No training step" in ui_text(prediction)
+    assert (prediction.args[2].vectors["l"][0] - class_word.float()).abs().max() > 1e-3  # the heads moved it
+    assert not torch.equal(prediction.args[2].vectors["l"], out.args[2].vectors["l"])   # tuning moved it on
+    with pytest.raises(ValueError, match="Tuning Encoder: the encoder tiny.safetensors was made for another model: 42 "
+                                         "LoRA targets \\(the model has 56 of this kind\\). It was pretrained on "
+                                         "tiny_sd1.safetensors."):
         run_node(TuningEncoderNode, **tuning_inputs(encoder="tiny.safetensors", clip_vision=vision))
     with pytest.raises(ValueError, match="connect a CLIP Vision Loader"):
         run_node(TuningEncoderNode, **tuning_inputs(encoder="tiny.safetensors"))
