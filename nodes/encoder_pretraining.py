@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--contrastive", type=float, default=0.01, help="weight of the nearest-token contrastive term "
                     "(0: off)")
     ap.add_argument("--blend", type=float, default=0.8, help="α of the dual path (1: off)")
+    ap.add_argument("--offset-penalty", type=float, default=1e-4, help="λ of the L2 penalty on the predicted "
+                    "embedding offset Δ (e = E[class] + 0.1·Δ)")
     ap.add_argument("--targets", default="attention q/k/v/out")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--checkpoint-every", type=int, default=500)
@@ -90,8 +92,8 @@ def train_on_folder(host: Host, args: argparse.Namespace, rank: int, world: int)
     examples = examples_from(host, mine, args.resolution)
     encoder = encoder_for(host, examples[0].vision[None], examples[0].latent[None], args).to(host.device)
     options = PretrainOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                              contrastive=args.contrastive, blend=args.blend, checkpoint_every=args.checkpoint_every,
-                              seed=args.seed)
+                              offset_penalty=args.offset_penalty, contrastive=args.contrastive, blend=args.blend,
+                              checkpoint_every=args.checkpoint_every, seed=args.seed)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     return pretrain(host, encoder, examples, options, args.run_dir, rank, world,
                     log=lambda line: print(f"[rank {rank}] {line}", flush=True))

@@ -40,7 +40,9 @@ class PretrainOptions:
         steps (`int`): optimizer steps.
         batch_size (`int`, defaults to 4): images per process per step.
         learning_rate (`float`, defaults to 1e-4): AdamW's (this pack's choice; E4T used 1.6e-5 at batch 16).
-        offset_penalty (`float`, defaults to 0.01): λ·‖Δ‖² on the predicted embedding offset (E4T pretraining).
+        offset_penalty (`float`, defaults to 1e-4): λ·‖Δ‖² on the predicted embedding offset. E4T pretrains with
+            0.01, which on the toy world held the embedding at its class word (the displacement 0.1·Δ a concept
+            needs costs ten times the diffusion loss); 1e-4 is E4T's tuning-time value.
         contrastive (`float`, defaults to 0.01): weight of the nearest-token contrastive term (this pack's); 0 = off.
         blend (`float`, defaults to 1.0): α of the dual path (`Host.set_dual_path`); 1 = off (this pack's default,
             the paper's α is not reported).
@@ -52,7 +54,7 @@ class PretrainOptions:
     steps: int
     batch_size: int = 4
     learning_rate: float = 1e-4
-    offset_penalty: float = 0.01
+    offset_penalty: float = 1e-4
     contrastive: float = 0.01
     blend: float = 1.0
     checkpoint_every: int = 100

@@ -41,7 +41,10 @@ def toy_prompt(pair: tuple[str, str], class_word: str, text: str, steps: int) ->
     import asyncio
 
     from concept_forge.nodes.extension import ConceptForgeExtension
+    from concept_forge.nodes.paths import register_model_folders
     from concept_forge.nodes.workflow_api import workflow_to_prompt
+
+    register_model_folders()
 
     import nodes
 

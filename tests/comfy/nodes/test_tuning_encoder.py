@@ -105,7 +105,8 @@ def test_an_encoder_predicts_the_start_and_a_mismatched_one_is_refused(model_fol
     out = run_node(TuningEncoderNode, **{**inputs, "tuning_steps": 2})
     assert "Started from the encoder tiny.safetensors." in ui_text(out)
     prediction = run_node(TuningEncoderNode, **{**inputs, "tuning_steps": 0})  # the prediction as it is
-    class_word = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight[clip.tokenize("dog")["l"][0][1][0]]
+    table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
+    class_word = table[clip.tokenize("dog")["l"][0][1][0]]
     assert "No training step" in ui_text(prediction)
     assert (prediction.args[2].vectors["l"][0] - class_word.float()).abs().max() > 1e-3  # the heads moved it
     assert not torch.equal(prediction.args[2].vectors["l"], out.args[2].vectors["l"])   # tuning moved it on
