@@ -56,7 +56,7 @@ def predicted(host: ComfyHost, pixels: torch.Tensor, encoder: TuningEncoder, enc
     problems = mismatches(encoder.config, expected_config(host, encoder, vision, unet, options.targets))
     if problems:
         made_for = f" It was pretrained on {encoder.made_for}." if encoder.made_for else ""
-        raise ValueError(f"{NODE}: the encoder {encoder_name} was made for another model: {'; '.join(problems)}."
+        raise ValueError(f"the encoder {encoder_name} was made for another model: {'; '.join(problems)}."
                          f"{made_for} Choose an encoder pretrained for this checkpoint type, vision model and "
                          "targets, or encoder none.")
     class_embeddings = init_vectors(host, class_word, 0)
@@ -106,13 +106,14 @@ class TuningEncoderNode(io.ComfyNode):
                                tooltip="α of the dual path while tuning, in every attention block: α·(soft token, "
                                "offsets) + (1 − α)·(nearest real word, original weights). 1 turns it off; the "
                                "paper's value is not reported (README: how this one was chosen)."),
-                io.Float.Input("contrastive", default=tuning.Options.contrastive, min=0.0, max=1.0, step=0.001,
-                               tooltip="Weight of the term that keeps the embedding near its nearest real words and "
-                               "away from the rest of the vocabulary. 0 turns it off."),
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=8, tooltip="Tuning resolution; 0 uses "
                              "the model's own (512 / 768 / 1024)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seeds the tuning's draws and the offsets' random start."),
+                io.Float.Input("contrastive", default=tuning.Options.contrastive, optional=True, min=0.0, max=1.0,
+                               step=0.001,
+                               tooltip="Weight of the term that keeps the embedding near its nearest real words and "
+                               "away from the rest of the vocabulary. 0 turns it off."),
                 io.ClipVision.Input("clip_vision", optional=True, tooltip="A CLIP vision model (CLIP Vision Loader); "
                                     "needed with encoder weights, which read the image through it."),
             ],
@@ -144,7 +145,7 @@ class TuningEncoderNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, name, class_word, encoder, tuning_steps, learning_rate, targets, rank,
-                blend, contrastive, resolution, seed, clip_vision=None) -> io.NodeOutput:
+                blend, resolution, seed, contrastive=tuning.Options.contrastive, clip_vision=None) -> io.NodeOutput:
         options = tuning.Options(rank=rank, targets=targets, blend=blend, contrastive=contrastive)
         weights = None if encoder == NO_ENCODER else load_encoder(folder_paths.get_full_path_or_raise(ENCODERS,
                                                                                                        encoder))

@@ -28,7 +28,7 @@ from .host import Host
 from .loop import seeded
 from .methods.base import init_vectors
 from .templates import OBJECT_TEMPLATES
-from .tuning_encoder import TuningEncoder, contrastive_loss, nearest_tokens, save_encoder
+from .tuning_encoder import TuningEncoder, check_mechanisms, contrastive_loss, nearest_tokens, save_encoder
 
 Log = Callable[[str], None]
 
@@ -44,8 +44,8 @@ class PretrainOptions:
             0.01, which on the toy world held the embedding at its class word (the displacement 0.1·Δ a concept
             needs costs ten times the diffusion loss); 1e-4 is E4T's tuning-time value.
         contrastive (`float`, defaults to 0.01): weight of the nearest-token contrastive term (this pack's); 0 = off.
-        blend (`float`, defaults to 1.0): α of the dual path (`Host.set_dual_path`); 1 = off (this pack's default,
-            the paper's α is not reported).
+        blend (`float`, defaults to 0.8): α of the dual path (`Host.set_dual_path`); 1 = off (this pack's choice,
+            as the tuning's; the paper's α is not reported).
         checkpoint_every (`int`, defaults to 100): steps between checkpoints (and at the end).
         log_every (`int`, defaults to 10): steps between loss log lines.
         seed (`int`, defaults to 0): seeds every draw.
@@ -56,10 +56,13 @@ class PretrainOptions:
     learning_rate: float = 1e-4
     offset_penalty: float = 1e-4
     contrastive: float = 0.01
-    blend: float = 1.0
+    blend: float = 0.8
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_mechanisms(self.blend, self.contrastive)
 
 
 @dataclass

@@ -187,6 +187,14 @@ def contrastive_loss(embeddings: Tensor, table: Tensor, k: int = 3, temperature:
     return -(positives - torch.logaddexp(positives, negative)).mean()
 
 
+def check_mechanisms(blend: float, contrastive: float) -> None:
+    """The dual path's α is a blend (0..1; 1 = off) and the contrastive weight a weight (≥ 0; 0 = off)."""
+    if not 0 <= blend <= 1:
+        raise ValueError(f"blend (the dual path's α) must be in [0, 1], got {blend}.")
+    if not contrastive >= 0:
+        raise ValueError(f"contrastive must be at least 0, got {contrastive}.")
+
+
 ENCODER_KEY = "concept_forge_encoder"
 
 

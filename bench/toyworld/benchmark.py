@@ -226,6 +226,8 @@ def run_cell(scorer: Scorer, row: Row, concept: world.Concept, seed: int) -> dic
     text = protocol.phrase(row.name, concept)
     cell: dict[str, Any] = {"row": row.name, "concept": concept.name, "kind": concept.kind, "seed": seed,
                             "phrase": text, "curve": {}, "train_s": 0.0}
+    if "encoder" in row.options:
+        scorer.clip_vision()  # installed and loaded once, before any timing
     previous = 0
     for steps in protocol.curve_points(row):
         start = time.time()
@@ -274,6 +276,11 @@ def append_cell(path: Path, cell: dict[str, Any]) -> None:
 
 
 def run(opts: argparse.Namespace) -> None:
+    missing = sorted({protocol.ROWS[r].options["encoder"] for r in opts.rows if "encoder" in protocol.ROWS[r].options}
+                     - {p.name for p in WEIGHTS.glob("encoder*.safetensors")})
+    if missing:
+        raise SystemExit(f"no {', '.join(missing)} in {WEIGHTS}: pretrain those encoders (README: Tuning Encoder) "
+                         "or leave their rows out (--rows).")
     index, count = (int(x) for x in opts.shard.split("/"))
     todo = jobs(opts.rows, opts.concepts, opts.seeds, not opts.no_baselines)[index::count]
     done = {(c["row"], c["concept"], c["seed"]) for c in read_cells([opts.cells])}

@@ -12,8 +12,8 @@ which says the size and position ("a photo of a small {} on the left"), so that 
 hold them. The prompts all start "a photo of", a form no scored prompt of the benchmark has.
 
 `models()` gives the toy world's MODEL, CLIP and VAE and, as CLIP_VISION, the small vision tower whose features are
-padded to the stock ViT-L's width: the stock file computes exactly these (to 3e-6, bench/toyworld/vision.py), for a
-sixteenth of the arithmetic.
+padded to the stock ViT-L's width: the stock file computes these (to 3e-6 in fp32, plus the fp16 rounding of the
+installed file's weights; bench/toyworld/vision.py), for a sixteenth of the arithmetic.
 """
 
 from __future__ import annotations

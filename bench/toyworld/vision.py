@@ -10,7 +10,8 @@ small model in its first 64 channels (zeros elsewhere, LayerNorm scales times �
 with zero writes, so identities) computes the small model's stream exactly: a LayerNorm over 1024 channels of a
 mean-zero vector padded with zeros is the 64-channel LayerNorm scaled by √(1024/64), when the small model's
 LayerNorm ε is 1024/64 times the stock 1e-5. Its penultimate hidden states (layer 22) are the small model's
-output; `install` writes that file (~600 MB in fp16) from the shipped 0.6 MB one.
+output (in fp32, to 3e-6; `install` writes the file in fp16, ~600 MB, so the stock model's features carry fp16
+rounding of the weights as well) from the shipped 0.6 MB tower.
 
 Trained supervised on the world's own attribute labels (colour, shape, size, position; linear heads over the mean
 token) rather than contrastively against the world's text encoder: that encoder never learned "teal" or "heart",

@@ -77,8 +77,9 @@ def install(base: Path, pair: tuple[str, str]) -> None:
     """The toy world's files in the base folder's models/ and input/."""
     import folder_paths
     import numpy as np
+    from concept_forge.trainers.atomic import write_safetensors
     from PIL import Image
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from toyworld import vision, world
     from toyworld.models import WEIGHTS
@@ -89,8 +90,8 @@ def install(base: Path, pair: tuple[str, str]) -> None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         parts = {prefix: load_file(str(WEIGHTS / f"{part}.safetensors"))
                  for prefix, part in (("unet.", "unet"), ("clip.", "clip"), ("vae.", "vae"))}
-        save_file({p + k: v for p, sd in parts.items() for k, v in sd.items()}, str(checkpoint),
-                  {"concept_forge_toyworld": "1"})
+        write_safetensors({p + k: v for p, sd in parts.items() for k, v in sd.items()}, checkpoint,
+                          {"concept_forge_toyworld": "1"})
     encoders = base / "models" / "concept_encoders"
     encoders.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ENCODER_FILE, encoders / ENCODER)
@@ -119,15 +120,16 @@ def toy_checkpoint_loader() -> Iterator[None]:
                 prefix = key.split(".", 1)[0] + "."
                 parts[prefix][key[len(prefix):]] = f.get_tensor(key)
         folder = tempfile.mkdtemp(prefix="toyworld-ckpt-")
-        paths = {}
-        for prefix, state in parts.items():  # the toy world's builders read one file per model
-            paths[prefix] = Path(folder) / f"{prefix[:-1]}.safetensors"
-            save_file(state, str(paths[prefix]))
-        directory = embedding_directory[0] if isinstance(embedding_directory, list) else embedding_directory
-        out = (models.load_model(paths["unet."]), models.load_clip(paths["clip."], directory),
-               models.load_vae(paths["vae."]), None)
-        shutil.rmtree(folder, ignore_errors=True)
-        return out
+        try:
+            paths = {}
+            for prefix, state in parts.items():  # the toy world's builders read one file per model
+                paths[prefix] = Path(folder) / f"{prefix[:-1]}.safetensors"
+                save_file(state, str(paths[prefix]))
+            directory = embedding_directory[0] if isinstance(embedding_directory, list) else embedding_directory
+            return (models.load_model(paths["unet."]), models.load_clip(paths["clip."], directory),
+                    models.load_vae(paths["vae."]), None)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     comfy.sd.load_checkpoint_guess_config = load
     try:

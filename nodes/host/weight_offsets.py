@@ -28,11 +28,11 @@ class Offsets:
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
-        self.enabled = False
+        previous, self.enabled = self.enabled, False
         try:
             yield
         finally:
-            self.enabled = True
+            self.enabled = previous
 
 
 class LoraDelta:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..concept import Arch, Concept, Method, cpu_float
 from ..host import Host
-from ..tuning_encoder import contrastive_loss, nearest_tokens
+from ..tuning_encoder import check_mechanisms, contrastive_loss, nearest_tokens
 from .base import init_vectors
 
 # Steps the tuner needs without encoder weights: TI's order (toy world: 12 steps reach identity 0.09 where TI's 400
@@ -38,6 +38,9 @@ class Options:
     offset_penalty: float = 1e-4  # λ·‖e − E[class]‖², E4T's tuning-time default
     contrastive: float = 0.01     # weight of the nearest-token contrastive term; 0 = off (this pack's, not the paper's)
     weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_mechanisms(self.blend, self.contrastive)
 
 
 def lora_key(weight_key: str) -> str:
@@ -107,7 +110,7 @@ class TunedPrediction:
         start = (f"Started from the encoder {self.encoder}." if self.encoder else
                  f"No encoder weights: started from the class word '{self.class_word}' and zero offsets, so this "
                  f"was a plain LoRA + embedding tuner, which needs {NO_WEIGHTS_STEPS} steps, not 12; "
-                 "the method's 12 steps assume pretrained weights (tools/pretrain_encoder.py).")
+                 "the method's 12 steps are meant to start from pretrained weights (tools/pretrain_encoder.py).")
         return [start, f"LoRA rank {self.rank} on {len(self.targets)} attention projections ({numbers} numbers)."]
 
     def to_concept(self, name: str, arch: Arch, provenance: Mapping[str, Any]) -> Concept:

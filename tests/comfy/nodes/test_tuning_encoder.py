@@ -110,7 +110,7 @@ def test_an_encoder_predicts_the_start_and_a_mismatched_one_is_refused(model_fol
     assert "No training step" in ui_text(prediction)
     assert (prediction.args[2].vectors["l"][0] - class_word.float()).abs().max() > 1e-3  # the heads moved it
     assert not torch.equal(prediction.args[2].vectors["l"], out.args[2].vectors["l"])   # tuning moved it on
-    with pytest.raises(ValueError, match="Tuning Encoder: the encoder tiny.safetensors was made for another model: 42 "
+    with pytest.raises(ValueError, match="^Tuning Encoder: the encoder tiny.safetensors was made for another model: 42 "
                                          "LoRA targets \\(the model has 56 of this kind\\). It was pretrained on "
                                          "tiny_sd1.safetensors."):
         run_node(TuningEncoderNode, **tuning_inputs(encoder="tiny.safetensors", clip_vision=vision))
