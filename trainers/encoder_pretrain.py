@@ -28,7 +28,7 @@ from .host import Host
 from .loop import seeded
 from .methods.base import init_vectors
 from .templates import OBJECT_TEMPLATES
-from .tuning_encoder import TuningEncoder, check_mechanisms, contrastive_loss, nearest_tokens, save_encoder
+from .tuning_encoder import TuningEncoder, check_mechanisms, contrastive_loss, hard_rows, save_encoder
 
 Log = Callable[[str], None]
 
@@ -200,7 +200,7 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
 
 def _nearest(vectors: Mapping[str, Tensor], tables: Mapping[str, Tensor]) -> Callable[[], dict[str, Tensor]]:
     """The hard prompt's vectors for one image: the vocabulary rows nearest its predicted embedding, fixed now."""
-    hard = {k: tables[k][nearest_tokens(v.detach(), tables[k])[:, 0]].to(v) for k, v in vectors.items()}
+    hard = hard_rows(vectors, tables)
     return lambda: hard
 
 

@@ -187,6 +187,11 @@ def contrastive_loss(embeddings: Tensor, table: Tensor, k: int = 3, temperature:
     return -(positives - torch.logaddexp(positives, negative)).mean()
 
 
+def hard_rows(vectors: Mapping[str, Tensor], tables: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The dual path's hard prompt: each vector row replaced by its nearest vocabulary row (no gradient)."""
+    return {k: tables[k][nearest_tokens(v.detach(), tables[k])[:, 0]].to(v) for k, v in vectors.items()}
+
+
 def check_mechanisms(blend: float, contrastive: float) -> None:
     """The dual path's α is a blend (0..1; 1 = off) and the contrastive weight a weight (≥ 0; 0 = off)."""
     if not 0 <= blend <= 1:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..concept import Arch, Concept, Method, cpu_float
 from ..host import Host
-from ..tuning_encoder import check_mechanisms, contrastive_loss, nearest_tokens
+from ..tuning_encoder import check_mechanisms, contrastive_loss, hard_rows
 from .base import init_vectors
 
 # Steps the tuner needs without encoder weights: TI's order (toy world: 12 steps reach identity 0.09 where TI's 400
@@ -73,8 +73,7 @@ class TunedPrediction:
 
     def hard_tokens(self) -> dict[str, Tensor]:
         """The dual path's hard prompt: each embedding row replaced by its nearest vocabulary row."""
-        return {k: self.tables[k][nearest_tokens(e.detach(), self.tables[k])[:, 0]].to(e)
-                for k, e in self.embeddings.items()}
+        return hard_rows(self.embeddings, self.tables)
 
     def vectors(self) -> dict[str, Tensor]:
         return dict(self.embeddings)
