@@ -8,7 +8,9 @@ Models ComfyUI's checkpoint loader cannot read (the toy world's) come from `--lo
 --checkpoint/--clip-vision: a function returning (MODEL, CLIP, VAE, CLIP_VISION).
 
 `--data` holds one folder per class word (`dog/`, `mug/`, ...) or a `captions.txt` of `<image>\\t<class word>`, with
-an optional third column, the image's prompt (`a small {} on the left`; `{}` is the concept).
+an optional third column, the image's prompt (`a small {} on the left`; `{}` is the concept), and an optional
+fourth, the concept the image shows (images of one dog share a name): named concepts get codes the encoder's
+prediction is regressed onto (`--codes`).
 Each process encodes its shard of the images once (VAE latents, CLIP vision features), then trains; rank 0
 writes checkpoints and the loss log to --run-dir, and a rerun of the same command resumes from them. The result
 goes to models/concept_encoders/<out>.safetensors, where the Tuning Encoder node lists it. GPUs: one process per
@@ -56,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--blend", type=float, default=0.8, help="α of the dual path (1: off)")
     ap.add_argument("--offset-penalty", type=float, default=1e-4, help="λ of the L2 penalty on the predicted "
                     "embedding offset Δ (e = E[class] + 0.1·Δ)")
+    ap.add_argument("--codes", type=float, default=1.0, help="weight of the regression of the predicted embedding "
+                    "onto its concept's learned code (needs captions.txt's concept column; 0: off)")
+    ap.add_argument("--code-learning-rate", type=float, default=5e-3, help="AdamW's learning rate for the codes")
     ap.add_argument("--targets", default="attention q/k/v/out")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--checkpoint-every", type=int, default=500)
@@ -78,10 +83,11 @@ def examples_from(host: Host, items: list[Item], resolution: int) -> list[Exampl
     from PIL import Image
 
     examples = []
-    for path, word, template in items:
+    for path, word, template, concept in items:
         image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)[None]
         pixels = prepare_images(image, resolution)
-        examples.append(Example(host.encode_images(pixels)[0], host.image_features(pixels)[0], word, template))
+        examples.append(Example(host.encode_images(pixels)[0], host.image_features(pixels)[0], word, template,
+                                concept))
     return examples
 
 
@@ -93,10 +99,12 @@ def train_on_folder(host: Host, args: argparse.Namespace, rank: int, world: int)
     encoder = encoder_for(host, examples[0].vision[None], examples[0].latent[None], args).to(host.device)
     options = PretrainOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                               offset_penalty=args.offset_penalty, contrastive=args.contrastive, blend=args.blend,
-                              checkpoint_every=args.checkpoint_every, seed=args.seed)
+                              checkpoint_every=args.checkpoint_every, codes=args.codes,
+                              code_learning_rate=args.code_learning_rate, seed=args.seed)
     args.run_dir.mkdir(parents=True, exist_ok=True)
+    concepts = sorted({concept for _, _, _, concept in pairs if concept})  # all shards', in one order
     return pretrain(host, encoder, examples, options, args.run_dir, rank, world,
-                    log=lambda line: print(f"[rank {rank}] {line}", flush=True))
+                    log=lambda line: print(f"[rank {rank}] {line}", flush=True), concepts=concepts)
 
 
 def distributed() -> tuple[int, int]:

@@ -5,6 +5,10 @@ and scores them by the diffusion loss of that image under its own prediction (th
 weight wrappers, swapped per image), plus E4T's L2 penalty on the embedding offset and the nearest-token
 contrastive term (the tuning steps' term; the other images of the batch are negatives too). With `blend` < 1 each
 image's loss goes through DATE's dual path, its hard prompt holding the nearest real token of its embedding.
+When the images name their concept (captions.txt's fourth column), each concept also gets a code, an embedding
+learned like Textual Inversion's on its own images, and the encoder's predicted embedding is regressed onto its
+image's code (this pack's addition, `codes`): on the toy world the diffusion loss alone, seen through one noisy
+image at a time, did not teach the encoder which features make a concept (docs/METHODS.md §6.3).
 DDP averages the encoder's gradients. Every draw (images, templates, noise, timesteps) is a function of (seed, step,
 rank), so a run killed and resumed from its checkpoint ends where an uninterrupted run of the same seed ends. Plain
 torch: the host is whatever the caller builds.
@@ -28,7 +32,7 @@ from .host import Host
 from .loop import seeded
 from .methods.base import init_vectors
 from .templates import OBJECT_TEMPLATES
-from .tuning_encoder import TuningEncoder, check_mechanisms, contrastive_loss, hard_rows, save_encoder
+from .tuning_encoder import Prediction, TuningEncoder, check_mechanisms, contrastive_loss, hard_rows, save_encoder
 
 Log = Callable[[str], None]
 
@@ -48,6 +52,9 @@ class PretrainOptions:
             as the tuning's; the paper's α is not reported).
         checkpoint_every (`int`, defaults to 100): steps between checkpoints (and at the end).
         log_every (`int`, defaults to 10): steps between loss log lines.
+        codes (`float`, defaults to 1.0): weight of the regression ‖e − (E[class] + code)‖² of each predicted
+            embedding e onto its concept's code; 0 = off, and off when no image names its concept.
+        code_learning_rate (`float`, defaults to 5e-3): AdamW's for the codes (the pack's TI rate per sample).
         seed (`int`, defaults to 0): seeds every draw.
     """
 
@@ -59,44 +66,51 @@ class PretrainOptions:
     blend: float = 0.8
     checkpoint_every: int = 100
     log_every: int = 10
+    codes: float = 1.0
+    code_learning_rate: float = 5e-3
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_mechanisms(self.blend, self.contrastive)
+        if not self.codes >= 0:
+            raise ValueError(f"codes must be at least 0, got {self.codes}.")
 
 
 @dataclass
 class Example:
-    """One training image, encoded once: its latent [C, h, w], CLIP vision features [T, W] and class word, and the
-    prompt template it is trained with (`{}`: the concept), or None for the object templates."""
+    """One training image, encoded once: its latent [C, h, w], CLIP vision features [T, W] and class word, the
+    prompt template it is trained with (`{}`: the concept; None: the object templates) and the concept it shows
+    (None: not named)."""
 
     latent: Tensor
     vision: Tensor
     class_word: str
     template: str | None = None
+    concept: str | None = None
 
 
-Item = tuple[Path, str, "str | None"]  # (image, class word, prompt template or None)
+Item = tuple[Path, str, "str | None", "str | None"]  # (image, class word, prompt template, concept)
 
 
 def read_folder(root: str | os.PathLike[str]) -> list[Item]:
-    """(image, class word, template) items: `root/<class word>/<image>`, or `root/captions.txt` lines
-    `<image>\\t<class word>[\\t<prompt with {} for the concept>]` — a prompt that says what else the image shows
-    ("a small {} on the left") keeps that out of the predicted embedding."""
+    """(image, class word, template, concept) items: `root/<class word>/<image>`, or `root/captions.txt` lines
+    `<image>\\t<class word>[\\t<prompt with {} for the concept>[\\t<concept>]]` — a prompt that says what else
+    the image shows ("a small {} on the left") keeps that out of the predicted embedding; images with the same
+    concept name show the same thing (one object, one person), which gives that concept a code (`codes`)."""
     root = Path(root)
     captions = root / "captions.txt"
     if captions.exists():
         items: list[Item] = []
         for number, line in enumerate(captions.read_text().splitlines(), start=1):
             if line.strip():
-                name, word, template = (line.split("\t") + ["", ""])[:3]
+                name, word, template, concept = (line.split("\t") + ["", "", ""])[:4]
                 if not word.strip() or (template and "{}" not in template):
                     raise ValueError(f"captions.txt line {number}: expected '<image>\\t<class word>' and optionally "
-                                     f"'\\t<prompt with {{}}>', got {line!r}.")
-                items.append((root / name.strip(), word.strip(), template.strip() or None))
+                                     f"'\\t<prompt with {{}}>\\t<concept>', got {line!r}.")
+                items.append((root / name.strip(), word.strip(), template.strip() or None, concept.strip() or None))
         return items
     images = (".png", ".jpg", ".jpeg", ".webp")
-    pairs: list[Item] = sorted((p, folder.name.replace("_", " "), None) for folder in root.iterdir()
+    pairs: list[Item] = sorted((p, folder.name.replace("_", " "), None, None) for folder in root.iterdir()
                                if folder.is_dir() for p in folder.iterdir() if p.suffix.lower() in images)
     if not pairs:
         raise ValueError(f"{root}: no images; put them in one folder per class word, or list them in captions.txt.")
@@ -108,20 +122,41 @@ def shard(count: int, rank: int, world: int) -> list[int]:
     return list(range(rank, count, world))
 
 
+class Trainee(torch.nn.Module):
+    """What pretraining updates: the encoder and, per named concept, its code [concepts, d] per text encoder (one
+    module, so that DDP averages both)."""
+
+    def __init__(self, encoder: TuningEncoder, concepts: int):
+        super().__init__()
+        self.encoder = encoder
+        self.codes = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.zeros(concepts, w))
+                                             for k, w in encoder.config.text_widths.items()} if concepts else {})
+
+    def forward(self, vision: Tensor, unet: Tensor, rows: Mapping[str, Tensor]) -> Prediction:
+        prediction: Prediction = self.encoder(vision, unet, rows)
+        return prediction
+
+
 def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], options: PretrainOptions,
-             run_dir: str | os.PathLike[str], rank: int = 0, world: int = 1, log: Log = print) -> TuningEncoder:
+             run_dir: str | os.PathLike[str], rank: int = 0, world: int = 1, log: Log = print,
+             concepts: Sequence[str] | None = None) -> TuningEncoder:
     """Train `encoder` on this process's `examples` (its shard); resumes from `run_dir` when a checkpoint is there.
 
-    Writes (rank 0) `run_dir/state.safetensors` every `checkpoint_every` steps, `run_dir/encoder.safetensors` at
-    each checkpoint and `run_dir/log.jsonl` lines of the loss.
+    `concepts` names every concept of the whole folder (all shards), in one order on every process; by default
+    those of `examples`. Writes (rank 0) `run_dir/state.safetensors` every `checkpoint_every` steps,
+    `run_dir/encoder.safetensors` at each checkpoint and `run_dir/log.jsonl` lines of the loss.
     """
     run_dir = Path(run_dir)
     distributed = world > 1
-    model: Any = encoder
-    if distributed:
-        model = torch.nn.parallel.DistributedDataParallel(encoder)
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=options.learning_rate, weight_decay=0.0)
-    fingerprint = {**asdict(options), "world": world, "examples": len(examples), "config": encoder.config.to_json()}
+    names = list(concepts if concepts is not None else sorted({e.concept for e in examples if e.concept}))
+    coded = options.codes > 0 and bool(names)
+    trainee = Trainee(encoder, len(names) if coded else 0).to(next(encoder.parameters()).device)
+    model: Any = torch.nn.parallel.DistributedDataParallel(trainee) if distributed else trainee
+    groups: list[dict[str, Any]] = [{"params": list(encoder.parameters())},
+                                    {"params": list(trainee.codes.parameters()), "lr": options.code_learning_rate}]
+    optimizer = torch.optim.AdamW(groups, lr=options.learning_rate, weight_decay=0.0)
+    fingerprint = {**asdict(options), "world": world, "examples": len(examples), "config": encoder.config.to_json(),
+                   "concepts": len(names) if coded else 0}
     fingerprint.pop("steps")
     fingerprint.pop("checkpoint_every")
     fingerprint.pop("log_every")
@@ -133,7 +168,7 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
         if differences:
             raise ValueError(f"{state_path} belongs to another run: {'; '.join(differences)}")
         with torch.no_grad():
-            for p, saved in zip(encoder.parameters(), state.parameters, strict=True):
+            for p, saved in zip(trainee.parameters(), state.parameters, strict=True):
                 p.copy_(saved.to(p))
         optimizer.load_state_dict(state.optimizer)
         first, losses = state.step + 1, list(state.losses)
@@ -158,18 +193,31 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
         rows = {k: torch.stack([class_rows[e.class_word][k] for e in batch]) for k in tables}     # [B, 1, d]
         prediction = model(vision, unet, rows)
         diffusion = torch.zeros((), device=host.device)
+        regression = torch.zeros((), device=host.device)
         for i in range(len(batch)):  # each image under its own predicted offsets and embedding
-            host.wrap_unet_weights({key: (up[i], down[i]) for key, up, down in
-                                    zip(targets, prediction.up, prediction.down, strict=True)}, scale=1.0)
-            vectors = {k: e[i] for k, e in prediction.embeddings.items()}
-            if options.blend < 1:
-                host.set_dual_path(options.blend, _nearest(vectors, tables))
             own = batch[i].template
-            cond = host.encode([prompts[template[i]] if own is None else captioned[own]], vectors)
-            diffusion = diffusion + host.loss(latents[i:i + 1], cond, noise[i:i + 1], timesteps[i:i + 1]).sum()
+            prompt = [prompts[template[i]] if own is None else captioned[own]]
+            ups = [up[i] for up in prediction.up]
+            host.wrap_unet_weights({key: (up, down[i]) for key, up, down in
+                                    zip(targets, ups, prediction.down, strict=True)}, scale=1.0)
+            vectors = {k: e[i] for k, e in prediction.embeddings.items()}
+            host.set_dual_path(options.blend, _nearest(vectors, tables) if options.blend < 1 else None)
+            diffusion = diffusion + host.loss(latents[i:i + 1], host.encode(prompt, vectors), noise[i:i + 1],
+                                              timesteps[i:i + 1]).sum()
+            if coded and batch[i].concept is not None:  # the code learns as TI would: base weights, one path
+                index = names.index(batch[i].concept)
+                code = {k: rows[k][i] + trainee.codes[k][index] for k in rows}                   # [1, d]
+                host.wrap_unet_weights({key: (torch.zeros_like(up), down[i].detach()) for key, up, down in
+                                        zip(targets, ups, prediction.down, strict=True)}, scale=1.0)
+                host.set_dual_path(1.0, None)
+                diffusion = diffusion + host.loss(latents[i:i + 1], host.encode(prompt, code), noise[i:i + 1],
+                                                  timesteps[i:i + 1]).sum()
+                regression = regression + sum(((vectors[k] - code[k].detach()) ** 2).sum() for k in code)
         offsets = torch.cat([prediction.offsets[k] for k in sorted(prediction.offsets)], dim=-1)   # [B, Σd]
         penalty = options.offset_penalty * offsets.pow(2).sum(-1).mean()
-        loss = diffusion / len(batch) + penalty
+        loss = (diffusion + options.codes * regression) / len(batch) + penalty
+        if coded:  # every code in the graph, also when this shard's batch names none (DDP reduces them all)
+            loss = loss + 0 * sum(c.sum() for c in trainee.codes.values())
         if options.contrastive:
             loss = loss + options.contrastive * sum(contrastive_loss(e[:, 0], tables[k])
                                                     for k, e in prediction.embeddings.items())
@@ -189,7 +237,7 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
                 f.write(json.dumps({"step": step, "loss": value, "images_per_s": rate}) + "\n")
         if options.checkpoint_every and (step % options.checkpoint_every == 0 or step == options.steps):
             if rank == 0:
-                save_state(TrainState(step, [p.detach().clone() for p in encoder.parameters()],
+                save_state(TrainState(step, [p.detach().clone() for p in trainee.parameters()],
                                       optimizer.state_dict(), torch.zeros(0, dtype=torch.uint8), losses, None,
                                       fingerprint), state_path)
                 save_encoder(encoder, run_dir / "encoder.safetensors", {"step": str(step)})
