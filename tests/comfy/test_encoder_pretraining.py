@@ -1,5 +1,5 @@
 """Pretraining the tuning encoder with DDP: two CPU processes (gloo) on tiny models train, checkpoint, get killed,
-resume, and end with exactly the parameters of an uninterrupted run."""
+resume, and end with exactly the parameters (the encoder's and the concept codes') of an uninterrupted run."""
 
 import json
 import os
@@ -21,13 +21,20 @@ from concept_forge.trainers.checkpoint import load_state  # noqa: E402
 SCRIPT = Path(__file__).resolve().parents[1] / "support" / "pretrain_tiny.py"
 
 
+COLOURS = {"red": (0.9, 0.2, 0.1), "blue": (0.1, 0.3, 0.9)}
+
+
 def image_folder(root):
-    for word, colour in (("dog", (0.9, 0.2, 0.1)), ("cat", (0.1, 0.3, 0.9))):
+    """Three dogs and three cats, each one red or one blue (the concept, in captions.txt's fourth column)."""
+    lines = []
+    for word in ("dog", "cat"):
         (root / word).mkdir(parents=True)
         for i in range(3):
-            image = tc.tiny_images(1, seed=i)[0].numpy()
-            image[16:48, 16:48] = colour
+            image, colour = tc.tiny_images(1, seed=i)[0].numpy(), "red" if i % 2 else "blue"
+            image[16:48, 16:48] = COLOURS[colour]
             Image.fromarray((image * 255).astype(np.uint8)).save(root / word / f"{i}.png")
+            lines.append(f"{word}/{i}.png\t{word}\t\t{colour} {word}")
+    (root / "captions.txt").write_text("\n".join(lines) + "\n")
     return root
 
 
@@ -90,3 +97,4 @@ def test_a_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path):
     for a, b in zip(reference.parameters, resumed.parameters, strict=True):
         assert (a - b).abs().max() <= 1e-6
     assert (cut / "encoder.safetensors").exists()
+

@@ -23,7 +23,7 @@ ns = parser.parse_args()
 args = argparse.Namespace(data=ns.data, run_dir=ns.run_dir, steps=ns.steps, checkpoint_every=ns.checkpoint_every,
                           batch_size=2, learning_rate=1e-3, rank=2, hidden=16, targets="cross-attention k/v",
                           hypernetwork="offsets", code=8, contrastive=0.01, blend=0.8, offset_penalty=1e-4,
-                          resolution=64, seed=3)
+                          codes=1.0, code_learning_rate=5e-3, resolution=64, seed=3)
 rank, world = distributed()
 torch.set_num_threads(1)
 vision = tc.tiny_clip_vision(str(ns.run_dir.parent))

@@ -1,0 +1,72 @@
+"""Encoder pretraining on the tiny host: concept codes teach the encoder which features make a concept."""
+
+import torch
+from concept_forge.trainers.checkpoint import load_state
+from concept_forge.trainers.encoder_pretrain import Example, PretrainOptions, pretrain
+from concept_forge.trainers.tuning_encoder import EncoderConfig, TuningEncoder
+from tiny_host import TinyHost
+
+COLOURS = ("red", "blue")
+
+
+class FeatureHost(TinyHost):
+    """The tiny host with the UNet features pretraining reads (the latent's channel means)."""
+
+    def unet_features(self, latents, noise, timesteps):
+        return latents.mean(dim=(2, 3))
+
+
+def examples(host):
+    """Two dogs and two cats, each red or blue: the concept is (colour, word); vision features say the colour in
+    one coordinate among noise."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for word in ("dog", "cat"):
+        for colour, sign in (("red", 1.0), ("blue", -1.0)):
+            for _ in range(3):
+                vision = torch.randn(5, 12, generator=g) * 0.3
+                vision[:, 0] += 2 * sign
+                image = torch.rand(1, 32, 32, 3, generator=g)
+                image[:, 8:24, 8:24] = torch.tensor([0.9, 0.2, 0.1] if sign > 0 else [0.1, 0.3, 0.9])
+                out.append(Example(host.encode_images(image)[0].detach(), vision, word, None, f"{colour} {word}"))
+    return out
+
+
+def train(tmp_path, codes, steps=120):
+    host = FeatureHost()
+    data = examples(host)
+    config = EncoderConfig(12, 4, {"l": 16}, host.unet_targets(""), rank=2, hidden=32, code=8)
+    encoder = TuningEncoder(config, seed=0)
+    options = PretrainOptions(steps=steps, batch_size=4, learning_rate=1e-2, offset_penalty=0.0, contrastive=0.0,
+                              blend=1.0, codes=codes, code_learning_rate=5e-3, checkpoint_every=steps, log_every=steps)
+    pretrain(host, encoder, data, options, tmp_path, log=lambda line: None)
+    return host, data, encoder
+
+
+def offsets(host, data, encoder):
+    rows = {"l": torch.stack([host.vocabulary("l")[host.token_ids("l", e.class_word)] for e in data])}  # [N, 1, d]
+    with torch.no_grad():
+        vision, latents = torch.stack([e.vision for e in data]), torch.stack([e.latent for e in data])
+        return (encoder(vision, host.unet_features(latents, None, None), rows).embeddings["l"] - rows["l"])[:, 0]
+
+
+def test_concept_codes_pull_each_prediction_toward_its_own_concepts_code(tmp_path):
+    host, data, encoder = train(tmp_path, codes=1.0)
+    names = sorted({e.concept for e in data})
+    codes = load_state(tmp_path / "state.safetensors").parameters[-1]  # the codes follow the encoder's parameters
+    assert codes.shape == (4, 16) and codes.norm(dim=-1).min() > 0.05   # every concept's code was learned
+    predicted = offsets(host, data, encoder)
+    own = torch.stack([codes[names.index(e.concept)] for e in data])
+    assert ((predicted - own).norm(dim=-1) < 0.25 * own.norm(dim=-1)).all()  # each prediction near its code
+    for word in ("dog", "cat"):  # what tells red from blue in the predictions is what tells their codes apart
+        mean = {c: predicted[[i for i, e in enumerate(data) if e.concept == f"{c} {word}"]].mean(0) for c in COLOURS}
+        learned = codes[names.index(f"red {word}")] - codes[names.index(f"blue {word}")]
+        predicted_gap = mean["red"] - mean["blue"]
+        assert torch.cosine_similarity(predicted_gap, learned, dim=0) > 0.5
+
+
+def test_without_codes_nothing_is_regressed_and_no_code_is_kept(tmp_path):
+    host, data, encoder = train(tmp_path, codes=0.0, steps=2)
+    state = load_state(tmp_path / "state.safetensors")
+    assert len(state.parameters) == len(list(encoder.parameters()))   # no codes in the run
+    assert state.fingerprint["concepts"] == 0
