@@ -1,0 +1,89 @@
+"""The pretrained encoder on what neither the benchmark nor pretraining holds: the pairs kept out of both
+(`pretrain.UNSEEN_PAIRS`) from one reference each, through the Tuning Encoder node, on prompts the benchmark does
+not score; the judge reads what they draw.
+
+    COMFYUI_PATH=/opt/comfyui python bench/toyworld/spot_check.py          # -> bench/results/toyworld_spot_check.json
+
+Each prompt gets 16 images (fixed sampler seeds); "identity" is colour and shape both right, and a prompt that
+asks for a size or a position is also scored on obeying it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script: make `toyworld` importable
+
+from toyworld import benchmark, protocol, world  # noqa: E402
+from toyworld.judge import predict  # noqa: E402
+from toyworld.pretrain import UNSEEN_PAIRS, class_word  # noqa: E402
+from toyworld.sampling import generate  # noqa: E402
+
+# (prompt with {} for the concept, size asked, position asked): none is a scored prompt of the benchmark
+PROMPTS = (("a {} on a grey background", None, None), ("a small {} at the top", "small", "top"),
+           ("a big {} on the right", "big", "right"))
+IMAGES = 16
+RESULT = benchmark.ROOT / "bench" / "results" / "toyworld_spot_check.json"
+
+
+def reference(colour: str, shape: str, seed: int) -> torch.Tensor:
+    """One big, centred reference [1, RES, RES, 3] in 0..1."""
+    image = world.render((colour, shape, "big", "center"), np.random.default_rng(seed))[0]
+    return torch.from_numpy(image[None]).float() / 255
+
+
+def check(scorer: benchmark.Scorer, colour: str, shape: str, steps: int, seed: int) -> list[dict[str, Any]]:
+    from concept_forge.nodes.tuning import TuningEncoderNode
+
+    name = f"{colour}{shape}"
+    model, clip, _, _ = benchmark.run_node(
+        TuningEncoderNode, **{**benchmark.node_defaults(TuningEncoderNode), "model": scorer.model,
+                              "clip": scorer.clip, "vae": scorer.vae, "image": reference(colour, shape, seed),
+                              "name": name, "class_word": class_word(shape), "resolution": world.RES, "seed": seed,
+                              "tuning_steps": steps, "encoder": protocol.ENCODERS["full"],
+                              "clip_vision": scorer.clip_vision()})
+    rows = []
+    for i, (text, size, position) in enumerate(PROMPTS):
+        preds, _ = predict(scorer.judge, generate(model, clip, scorer.vae, text.format(f"embedding:{name}"), IMAGES,
+                                                  9000 + i))
+        identity = (preds[:, 0] == world.COLOUR_NAMES.index(colour)) & (preds[:, 1] == world.SHAPES.index(shape))
+        row: dict[str, Any] = {"pair": f"{colour} {shape}", "steps": steps, "seed": seed, "prompt": text,
+                               "n": IMAGES, "identity": int(identity.sum())}
+        if size:
+            row["size"] = int((preds[:, 2] == world.SIZES.index(size)).sum())
+        if position:
+            row["position"] = int((preds[:, 3] == world.POSITIONS.index(position)).sum())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[0, 12])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULT)
+    opts = parser.parse_args(argv)
+    benchmark.import_pack()
+    benchmark.use_scratch_folders()
+    scorer = benchmark.Scorer()
+    rows = [row for colour, shape in sorted(UNSEEN_PAIRS) for steps in opts.steps
+            for row in check(scorer, colour, shape, steps, opts.seed)]
+    opts.out.write_text(json.dumps(rows, indent=1) + "\n")
+    for steps in opts.steps:
+        mine = [r for r in rows if r["steps"] == steps]
+        asked = [r for r in mine if "position" in r]
+        print(f"{steps} steps: identity {sum(r['identity'] for r in mine) / (IMAGES * len(mine)):.2f}, size "
+              f"{sum(r['size'] for r in asked) / (IMAGES * len(asked)):.2f}, position "
+              f"{sum(r['position'] for r in asked) / (IMAGES * len(asked)):.2f} ({len(mine)} prompts)")
+
+
+if __name__ == "__main__":
+    main()
