@@ -95,8 +95,8 @@ class TuningEncoderNode(io.ComfyNode):
                 io.Int.Input("tuning_steps", default=12, min=0, max=1000, tooltip="Steps refining the prediction. "
                              "The paper uses 12 or fewer; 0 keeps the encoder's prediction as it is."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=0.0001, tooltip="Per-sample "
-                               "learning rate of the tuning steps. 0 uses this pack's default, 0.001 (the paper "
-                               "does not report one)."),
+                               "learning rate of the tuning steps. 0 uses this pack's default (the paper does not "
+                               "report one): 0.01 from encoder weights, 0.001 without."),
                 io.Combo.Input("targets", options=list(ATTENTION_PROJECTIONS), default="attention q/k/v/out",
                                tooltip="The UNet projections that get LoRA offsets: q/k/v/out of every attention "
                                "(default), q/k/v (E4T), or the cross-attention k/v (Custom Diffusion)."),
@@ -146,9 +146,10 @@ class TuningEncoderNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, name, class_word, encoder, tuning_steps, learning_rate, targets, rank,
                 blend, resolution, seed, contrastive=tuning.Options.contrastive, clip_vision=None) -> io.NodeOutput:
-        options = tuning.Options(rank=rank, targets=targets, blend=blend, contrastive=contrastive)
         weights = None if encoder == NO_ENCODER else load_encoder(folder_paths.get_full_path_or_raise(ENCODERS,
                                                                                                        encoder))
+        rate = {} if weights is None else {"learning_rate": tuning.PRETRAINED_LEARNING_RATE}  # the default, when 0
+        options = tuning.Options(rank=rank, targets=targets, blend=blend, contrastive=contrastive, **rate)
         if weights is not None and clip_vision is None:
             raise ValueError(f"{NODE}: the encoder {encoder} reads the image through a CLIP vision model; connect "
                              "a CLIP Vision Loader to clip_vision, or choose encoder none.")

@@ -39,7 +39,8 @@ def reference(colour: str, shape: str, seed: int) -> torch.Tensor:
     return torch.from_numpy(image[None]).float() / 255
 
 
-def check(scorer: benchmark.Scorer, colour: str, shape: str, steps: int, seed: int) -> list[dict[str, Any]]:
+def check(scorer: benchmark.Scorer, colour: str, shape: str, steps: int, seed: int,
+          learning_rate: float = 0.0) -> list[dict[str, Any]]:
     from concept_forge.nodes.tuning import TuningEncoderNode
 
     name = f"{colour}{shape}"
@@ -47,14 +48,15 @@ def check(scorer: benchmark.Scorer, colour: str, shape: str, steps: int, seed: i
         TuningEncoderNode, **{**benchmark.node_defaults(TuningEncoderNode), "model": scorer.model,
                               "clip": scorer.clip, "vae": scorer.vae, "image": reference(colour, shape, seed),
                               "name": name, "class_word": class_word(shape), "resolution": world.RES, "seed": seed,
-                              "tuning_steps": steps, "encoder": protocol.ENCODERS["full"],
+                              "tuning_steps": steps, "learning_rate": learning_rate, "encoder": protocol.ENCODERS["full"],
                               "clip_vision": scorer.clip_vision()})
     rows = []
     for i, (text, size, position) in enumerate(PROMPTS):
         preds, _ = predict(scorer.judge, generate(model, clip, scorer.vae, text.format(f"embedding:{name}"), IMAGES,
                                                   9000 + i))
         identity = (preds[:, 0] == world.COLOUR_NAMES.index(colour)) & (preds[:, 1] == world.SHAPES.index(shape))
-        row: dict[str, Any] = {"pair": f"{colour} {shape}", "steps": steps, "seed": seed, "prompt": text,
+        row: dict[str, Any] = {"pair": f"{colour} {shape}", "steps": steps, "learning_rate": learning_rate,
+                               "seed": seed, "prompt": text,
                                "n": IMAGES, "identity": int(identity.sum())}
         if size:
             row["size"] = int((preds[:, 2] == world.SIZES.index(size)).sum())
@@ -69,13 +71,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[0, 12])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--learning-rate", type=float, default=0.0, help="tuning rate per sample (0: the node's)")
     parser.add_argument("--out", type=Path, default=RESULT)
     opts = parser.parse_args(argv)
     benchmark.import_pack()
     benchmark.use_scratch_folders()
     scorer = benchmark.Scorer()
     rows = [row for colour, shape in sorted(UNSEEN_PAIRS) for steps in opts.steps
-            for row in check(scorer, colour, shape, steps, opts.seed)]
+            for row in check(scorer, colour, shape, steps, opts.seed, opts.learning_rate)]
     opts.out.write_text(json.dumps(rows, indent=1) + "\n")
     for steps in opts.steps:
         mine = [r for r in rows if r["steps"] == steps]

@@ -104,6 +104,7 @@ def test_an_encoder_predicts_the_start_and_a_mismatched_one_is_refused(model_fol
                            clip_vision=vision)
     out = run_node(TuningEncoderNode, **{**inputs, "tuning_steps": 2})
     assert "Started from the encoder tiny.safetensors." in ui_text(out)
+    assert out.args[2].provenance["base_learning_rate"] == 1e-2  # the default from encoder weights (0.001 without)
     prediction = run_node(TuningEncoderNode, **{**inputs, "tuning_steps": 0})  # the prediction as it is
     table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
     class_word = table[clip.tokenize("dog")["l"][0][1][0]]
