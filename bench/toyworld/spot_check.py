@@ -48,7 +48,8 @@ def check(scorer: benchmark.Scorer, colour: str, shape: str, steps: int, seed: i
         TuningEncoderNode, **{**benchmark.node_defaults(TuningEncoderNode), "model": scorer.model,
                               "clip": scorer.clip, "vae": scorer.vae, "image": reference(colour, shape, seed),
                               "name": name, "class_word": class_word(shape), "resolution": world.RES, "seed": seed,
-                              "tuning_steps": steps, "learning_rate": learning_rate, "encoder": protocol.ENCODERS["full"],
+                              "tuning_steps": steps, "learning_rate": learning_rate,
+                              "encoder": protocol.ENCODERS["full"],
                               "clip_vision": scorer.clip_vision()})
     rows = []
     for i, (text, size, position) in enumerate(PROMPTS):

@@ -153,7 +153,8 @@ def test_image_folders_give_class_words_and_shards_split_them(tmp_path):
     (tmp_path / "captions.txt").write_text("dog/1.png\tpuppy\nteddy_bear/1.png\tbear\ta small {} on the left\n"
                                            "dog/2.png\tdog\t\trex\n")
     assert [(p.name, w, t, c) for p, w, t, c in read_folder(tmp_path)] == [
-        ("1.png", "puppy", None, None), ("1.png", "bear", "a small {} on the left", None), ("2.png", "dog", None, "rex")]
+        ("1.png", "puppy", None, None), ("1.png", "bear", "a small {} on the left", None),
+        ("2.png", "dog", None, "rex")]
     for bad in ("bad line", "dog/1.png\tpuppy\ta prompt without the concept"):
         (tmp_path / "captions.txt").write_text(f"dog/1.png\tpuppy\n{bad}\n")
         with pytest.raises(ValueError, match="captions.txt line 2"):
