@@ -3,13 +3,15 @@
     COMFYUI_PATH=/opt/comfyui python bench/toyworld/pretrain.py --data /tmp/toyworld_encoder_data
     COMFYUI_PATH=/opt/comfyui torchrun --nproc_per_node 2 tools/pretrain_encoder.py \\
         --loader bench/toyworld/pretrain.py:models --data /tmp/toyworld_encoder_data --run-dir runs/toyworld \\
-        --resolution 64 --steps 1500 --out toyworld_encoder
+        --resolution 64 --batch-size 4 --learning-rate 2e-3 --code 32 --steps 600 --out toyworld_encoder
+    # the shipped weights/encoder.safetensors; the ablations add --contrastive 0, --blend 1 or --hypernetwork scales
 
 The folder holds every colour × shape pair of the world except the benchmark concepts' eight and three more kept
 for checks outside the benchmark (UNSEEN_PAIRS), at random sizes and positions, with a `captions.txt` that names
 each image's class word the way the benchmark does (the shape, or "shape" for the hidden heart) and its prompt,
 which says the size and position ("a photo of a small {} on the left"), so that the predicted embedding need not
-hold them. The prompts all start "a photo of", a form no scored prompt of the benchmark has.
+hold them, and the pair it shows (the concept, which gets a code: docs/METHODS.md §6.3). The prompts all start
+"a photo of", a form no scored prompt of the benchmark has.
 
 `models()` gives the toy world's MODEL, CLIP and VAE and, as CLIP_VISION, the small vision tower whose features are
 padded to the stock ViT-L's width: the stock file computes these (to 3e-6 in fp32, plus the fp16 rounding of the
