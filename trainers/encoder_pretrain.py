@@ -16,7 +16,6 @@ torch: the host is whatever the caller builds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -156,10 +155,8 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
     groups: list[dict[str, Any]] = [{"params": list(encoder.parameters())},
                                     {"params": list(trainee.codes.parameters()), "lr": options.code_learning_rate}]
     optimizer = torch.optim.AdamW(groups, lr=options.learning_rate, weight_decay=0.0)
-    captions = json.dumps([[e.class_word, e.template, e.concept] for e in examples])  # what each image is taught
     fingerprint = {**asdict(options), "world": world, "examples": len(examples), "config": encoder.config.to_json(),
-                   "concepts": len(names) if coded else 0,
-                   "captions": hashlib.sha256(captions.encode()).hexdigest()[:16]}
+                   "concepts": len(names) if coded else 0}
     fingerprint.pop("steps")
     fingerprint.pop("checkpoint_every")
     fingerprint.pop("log_every")

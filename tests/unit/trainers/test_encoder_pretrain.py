@@ -1,6 +1,5 @@
 """Encoder pretraining on the tiny host: concept codes teach the encoder which features make a concept."""
 
-import pytest
 import torch
 from concept_forge.trainers.checkpoint import load_state
 from concept_forge.trainers.encoder_pretrain import Example, PretrainOptions, pretrain
@@ -72,11 +71,3 @@ def test_without_codes_nothing_is_regressed_and_no_code_is_kept(tmp_path):
     assert len(state.parameters) == len(list(encoder.parameters()))   # no codes in the run
     assert state.fingerprint["concepts"] == 0
 
-
-def test_a_run_dir_refuses_a_resume_whose_captions_changed(tmp_path):
-    host, data, encoder = train(tmp_path, codes=1.0, steps=2)
-    data[0] = Example(data[0].latent, data[0].vision, data[0].class_word, "a small {}", data[0].concept)
-    options = PretrainOptions(steps=4, batch_size=4, learning_rate=1e-2, offset_penalty=0.0, contrastive=0.0,
-                              blend=1.0, codes=1.0, code_learning_rate=5e-3, checkpoint_every=4, log_every=4)
-    with pytest.raises(ValueError, match="belongs to another run: captions"):
-        pretrain(host, encoder, data, options, tmp_path, log=lambda line: None)
