@@ -150,6 +150,7 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
     distributed = world > 1
     names = list(concepts if concepts is not None else sorted({e.concept for e in examples if e.concept}))
     coded = options.codes > 0 and bool(names)
+    code_index = {name: i for i, name in enumerate(names)}
     trainee = Trainee(encoder, len(names) if coded else 0).to(next(encoder.parameters()).device)
     model: Any = torch.nn.parallel.DistributedDataParallel(trainee) if distributed else trainee
     groups: list[dict[str, Any]] = [{"params": list(encoder.parameters())},
@@ -205,7 +206,7 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
             diffusion = diffusion + host.loss(latents[i:i + 1], host.encode(prompt, vectors), noise[i:i + 1],
                                               timesteps[i:i + 1]).sum()
             if coded and batch[i].concept is not None:  # the code learns as TI would: base weights, one path
-                index = names.index(batch[i].concept)
+                index = code_index[batch[i].concept]
                 code = {k: rows[k][i] + trainee.codes[k][index] for k in rows}                   # [1, d]
                 host.wrap_unet_weights({key: (torch.zeros_like(up), down[i].detach()) for key, up, down in
                                         zip(targets, ups, prediction.down, strict=True)}, scale=1.0)
