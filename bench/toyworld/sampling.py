@@ -20,11 +20,13 @@ SAMPLER = dict(steps=20, cfg=5.0, sampler_name="euler", scheduler="normal")
 
 @torch.no_grad()
 def generate(model: Any, clip: Any, vae: Any, text: str, n: int, seed: int, negative: str = "",
-             **sampler: Any) -> torch.Tensor:
-    """n images (IMAGE [n, H, W, 3] in 0..1) for one prompt, exactly as a stock graph makes them."""
+             positive: Any = None, **sampler: Any) -> torch.Tensor:
+    """n images (IMAGE [n, H, W, 3] in 0..1) for one prompt, exactly as a stock graph makes them (`positive`: the
+    prompt's CONDITIONING when a node made it, as Tuning Encoder Dual Path does)."""
     s = {**SAMPLER, **sampler}
     comfy.utils.set_progress_bar_enabled(False)   # a tqdm bar per prompt would flood the logs
-    positive = nodes.CLIPTextEncode().encode(clip, text)[0]
+    if positive is None:
+        positive = nodes.CLIPTextEncode().encode(clip, text)[0]
     negative_cond = nodes.CLIPTextEncode().encode(clip, negative)[0]
     latent = nodes.EmptyLatentImage().generate(world.RES, world.RES, n)[0]
     samples = nodes.KSampler().sample(model, seed, s["steps"], s["cfg"], s["sampler_name"], s["scheduler"],

@@ -11,6 +11,7 @@ asks for a size or a position is also scored on obeying it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -40,11 +41,13 @@ def reference(colour: str, shape: str, seed: int) -> torch.Tensor:
 
 
 def check(scorer: benchmark.Scorer, colour: str, shape: str, steps: int, seed: int,
-          learning_rate: float = 0.0) -> list[dict[str, Any]]:
+          learning_rate: float = 0.0, generation_blends: Sequence[float] = (1.0,)) -> list[dict[str, Any]]:
+    """Rows per prompt and generation blend (α of Tuning Encoder Dual Path; 1: the Tuning Encoder's own model)."""
+    from concept_forge.nodes.dual_path import TuningEncoderDualPath
     from concept_forge.nodes.tuning import TuningEncoderNode
 
     name = f"{colour}{shape}"
-    model, clip, _, _ = benchmark.run_node(
+    model, clip, concept, _ = benchmark.run_node(
         TuningEncoderNode, **{**benchmark.node_defaults(TuningEncoderNode), "model": scorer.model,
                               "clip": scorer.clip, "vae": scorer.vae, "image": reference(colour, shape, seed),
                               "name": name, "class_word": class_word(shape), "resolution": world.RES, "seed": seed,
@@ -52,12 +55,16 @@ def check(scorer: benchmark.Scorer, colour: str, shape: str, steps: int, seed: i
                               "encoder": protocol.ENCODERS["full"],
                               "clip_vision": scorer.clip_vision()})
     rows = []
-    for i, (text, size, position) in enumerate(PROMPTS):
-        preds, _ = predict(scorer.judge, generate(model, clip, scorer.vae, text.format(f"embedding:{name}"), IMAGES,
-                                                  9000 + i))
+    for (i, (text, size, position)), blend in itertools.product(enumerate(PROMPTS), generation_blends):
+        prompt, positive, sampled = text.format(f"embedding:{name}"), None, model
+        if blend < 1:
+            sampled, positive, _ = benchmark.run_node(TuningEncoderDualPath, model=scorer.model, clip=scorer.clip,
+                                                      concept=concept, text=prompt, blend=blend)
+        preds, _ = predict(scorer.judge, generate(sampled, clip, scorer.vae, prompt, IMAGES, 9000 + i,
+                                                  positive=positive))
         identity = (preds[:, 0] == world.COLOUR_NAMES.index(colour)) & (preds[:, 1] == world.SHAPES.index(shape))
         row: dict[str, Any] = {"pair": f"{colour} {shape}", "steps": steps, "learning_rate": learning_rate,
-                               "seed": seed, "prompt": text,
+                               "generation_blend": blend, "seed": seed, "prompt": text,
                                "n": IMAGES, "identity": int(identity.sum())}
         if size:
             row["size"] = int((preds[:, 2] == world.SIZES.index(size)).sum())
@@ -73,18 +80,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[0, 12])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning-rate", type=float, default=0.0, help="tuning rate per sample (0: the node's)")
+    parser.add_argument("--generation-blend", type=float, nargs="+", default=[1.0], help="α of Tuning Encoder "
+                        "Dual Path at generation (1: the Tuning Encoder's model, no dual path)")
     parser.add_argument("--out", type=Path, default=RESULT)
     opts = parser.parse_args(argv)
     benchmark.import_pack()
     benchmark.use_scratch_folders()
     scorer = benchmark.Scorer()
     rows = [row for colour, shape in sorted(UNSEEN_PAIRS) for steps in opts.steps
-            for row in check(scorer, colour, shape, steps, opts.seed, opts.learning_rate)]
+            for row in check(scorer, colour, shape, steps, opts.seed, opts.learning_rate, opts.generation_blend)]
     opts.out.write_text(json.dumps(rows, indent=1) + "\n")
-    for steps in opts.steps:
-        mine = [r for r in rows if r["steps"] == steps]
+    for steps, blend in itertools.product(opts.steps, opts.generation_blend):
+        mine = [r for r in rows if r["steps"] == steps and r["generation_blend"] == blend]
         asked = [r for r in mine if "position" in r]
-        print(f"{steps} steps: identity {sum(r['identity'] for r in mine) / (IMAGES * len(mine)):.2f}, size "
+        print(f"{steps} steps, generation blend {blend:g}: identity "
+              f"{sum(r['identity'] for r in mine) / (IMAGES * len(mine)):.2f}, size "
               f"{sum(r['size'] for r in asked) / (IMAGES * len(asked)):.2f}, position "
               f"{sum(r['position'] for r in asked) / (IMAGES * len(asked)):.2f} ({len(mine)} prompts)")
 

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from ...trainers.concept import Arch
 from .denoise import apply_model, per_sample
 from .text_side import ComfyCond
-from .weight_offsets import DualPathAttention, LoraDelta, Offsets, attention_modules, attention_targets
+from .weight_offsets import Offsets, attention_targets, patch_dual_path, wrap_weights
 
 
 def _checkpointed(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -69,8 +69,7 @@ class DiscreteUNet:
     def wrap_weights(self, offsets: Mapping[str, tuple[Tensor, Tensor]], scale: float) -> bool:
         """Install or swap the offsets; True when new wrappers were added (they take effect on the next load)."""
         new = offsets.keys() - self.offsets.factors.keys()
-        for key in new:
-            self.model.add_weight_wrapper(key, LoraDelta(key, self.offsets))
+        wrap_weights(self.model, new, self.offsets)
         self.offsets.factors.update(offsets)
         self.offsets.scale = scale
         return bool(new)
@@ -81,9 +80,7 @@ class DiscreteUNet:
         `weight_offsets.DUAL_PATH`."""
         if self._dual_path:
             return False
-        for path, cross in attention_modules(self.model.model.diffusion_model):
-            name = f"diffusion_model.{path}.forward"
-            self.model.add_object_patch(name, DualPathAttention(self.model.get_model_object(name), self.offsets, cross))
+        patch_dual_path(self.model, self.offsets)
         self._dual_path = True
         return True
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -104,6 +104,22 @@ class DualPathAttention:
             hard = self.forward(x, context=hard_context, value=hard_value, mask=mask, transformer_options=single,
                                 **kwargs)
         return alpha * soft + (1 - alpha) * hard
+
+
+def wrap_weights(patcher: Any, keys: Iterable[str], offsets: Offsets) -> None:
+    """A `LoraDelta` weight wrapper over each weight `key` of a ModelPatcher (effective on its next load)."""
+    for key in keys:
+        patcher.add_weight_wrapper(key, LoraDelta(key, offsets))
+
+
+def patch_dual_path(patcher: Any, offsets: Offsets) -> int:
+    """Every attention module's forward of a ModelPatcher's UNet as a `DualPathAttention` over `offsets` (object
+    patches, effective on its next load); how many modules were patched (0: not a UNet with such blocks)."""
+    modules = attention_modules(patcher.model.diffusion_model)
+    for path, cross in modules:
+        name = f"diffusion_model.{path}.forward"
+        patcher.add_object_patch(name, DualPathAttention(patcher.get_model_object(name), offsets, cross))
+    return len(modules)
 
 
 def attention_modules(diffusion_model: Module) -> list[tuple[str, bool]]:
