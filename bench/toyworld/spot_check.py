@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,8 +42,9 @@ def reference(colour: str, shape: str, seed: int) -> torch.Tensor:
 
 
 def check(scorer: benchmark.Scorer, colour: str, shape: str, steps: int, seed: int,
-          learning_rate: float = 0.0, generation_blends: Sequence[float] = (1.0,)) -> list[dict[str, Any]]:
-    """Rows per prompt and generation blend (α of Tuning Encoder Dual Path; 1: the Tuning Encoder's own model)."""
+          tuning: Mapping[str, Any], generation_blends: Sequence[float] = (1.0,)) -> list[dict[str, Any]]:
+    """Rows per prompt and generation blend (α of Tuning Encoder Dual Path; 1: the Tuning Encoder's own model);
+    `tuning`: Tuning Encoder inputs set (encoder, learning_rate, blend, contrastive)."""
     from concept_forge.nodes.dual_path import TuningEncoderDualPath
     from concept_forge.nodes.tuning import TuningEncoderNode
 
@@ -51,8 +53,7 @@ def check(scorer: benchmark.Scorer, colour: str, shape: str, steps: int, seed: i
         TuningEncoderNode, **{**benchmark.node_defaults(TuningEncoderNode), "model": scorer.model,
                               "clip": scorer.clip, "vae": scorer.vae, "image": reference(colour, shape, seed),
                               "name": name, "class_word": class_word(shape), "resolution": world.RES, "seed": seed,
-                              "tuning_steps": steps, "learning_rate": learning_rate,
-                              "encoder": protocol.ENCODERS["full"],
+                              "tuning_steps": steps, **tuning,
                               "clip_vision": scorer.clip_vision()})
     rows = []
     for (i, (text, size, position)), blend in itertools.product(enumerate(PROMPTS), generation_blends):
@@ -63,8 +64,8 @@ def check(scorer: benchmark.Scorer, colour: str, shape: str, steps: int, seed: i
         preds, _ = predict(scorer.judge, generate(sampled, clip, scorer.vae, prompt, IMAGES, 9000 + i,
                                                   positive=positive))
         identity = (preds[:, 0] == world.COLOUR_NAMES.index(colour)) & (preds[:, 1] == world.SHAPES.index(shape))
-        row: dict[str, Any] = {"pair": f"{colour} {shape}", "steps": steps, "learning_rate": learning_rate,
-                               "generation_blend": blend, "seed": seed, "prompt": text,
+        row: dict[str, Any] = {"pair": f"{colour} {shape}", "steps": steps, **tuning, "generation_blend": blend,
+                               "seed": seed, "prompt": text,
                                "n": IMAGES, "identity": int(identity.sum())}
         if size:
             row["size"] = int((preds[:, 2] == world.SIZES.index(size)).sum())
@@ -80,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[0, 12])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning-rate", type=float, default=0.0, help="tuning rate per sample (0: the node's)")
+    parser.add_argument("--encoder", type=Path, default=benchmark.WEIGHTS / protocol.ENCODERS["full"],
+                        help="encoder weights (default: the shipped toy-world encoder)")
+    parser.add_argument("--blend", type=float, default=0.8, help="α of the dual path while tuning (the node's)")
+    parser.add_argument("--contrastive", type=float, default=0.01, help="the contrastive term's weight (the node's)")
     parser.add_argument("--generation-blend", type=float, nargs="+", default=[1.0], help="α of Tuning Encoder "
                         "Dual Path at generation (1: the Tuning Encoder's model, no dual path)")
     parser.add_argument("--out", type=Path, default=RESULT)
@@ -87,8 +92,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     benchmark.import_pack()
     benchmark.use_scratch_folders()
     scorer = benchmark.Scorer()
+    import folder_paths
+    from concept_forge.nodes.paths import ENCODERS
+
+    if opts.encoder.name not in folder_paths.get_filename_list(ENCODERS):
+        shutil.copyfile(opts.encoder, Path(folder_paths.get_folder_paths(ENCODERS)[0]) / opts.encoder.name)
+        folder_paths.filename_list_cache.clear()
+    tuning = {"encoder": opts.encoder.name, "learning_rate": opts.learning_rate, "blend": opts.blend,
+              "contrastive": opts.contrastive}
     rows = [row for colour, shape in sorted(UNSEEN_PAIRS) for steps in opts.steps
-            for row in check(scorer, colour, shape, steps, opts.seed, opts.learning_rate, opts.generation_blend)]
+            for row in check(scorer, colour, shape, steps, opts.seed, tuning, opts.generation_blend)]
     opts.out.write_text(json.dumps(rows, indent=1) + "\n")
     for steps, blend in itertools.product(opts.steps, opts.generation_blend):
         mine = [r for r in rows if r["steps"] == steps and r["generation_blend"] == blend]
