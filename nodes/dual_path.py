@@ -23,7 +23,7 @@ from ..trainers.concept import Concept
 from ..trainers.tuning_encoder import hard_rows
 from .apply import apply_concepts, check_concept_fits, encoder_tables
 from .host.weight_offsets import DUAL_PATH, Offsets, patch_dual_path, wrap_weights
-from .tuning import lora_of, model_with_offsets
+from .tuning import OFFSETS_MARK, lora_of, model_with_offsets
 from .types import CATEGORY, ConceptIO
 from .validation import schema_problem
 
@@ -81,6 +81,11 @@ def dual_path(model: Any, clip: Any, concept: Concept, text: str, alpha: float) 
         raise ValueError(f"{NODE}: concept '{concept.name}' was learned by {concept.method}; the dual path needs a "
                          "Tuning Encoder concept (its offsets and token). Use Apply Concept for other concepts.")
     check_concept_fits(concept, clip, NODE)
+    carried = model.model_options.get(OFFSETS_MARK)
+    if carried is not None:
+        raise ValueError(f"{NODE}: this model already carries the offsets of concept '{carried}' (it is a Tuning "
+                         "Encoder's model output), and the dual path needs the original weights; connect the "
+                         "checkpoint's MODEL, the one the Tuning Encoder got.")
     problem = schema_problem(TuningEncoderDualPath, NODE, text=text, blend=alpha)
     if problem:
         raise ValueError(problem)

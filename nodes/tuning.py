@@ -24,6 +24,7 @@ from .validation import schema_problem
 
 NODE = "Tuning Encoder"
 NO_ENCODER = "none"
+OFFSETS_MARK = "concept_forge_offsets"  # model_options key: the concept whose offsets a MODEL carries
 FEATURE_TIMESTEP = 500  # the noisy latent the UNet features come from: mid-schedule (this pack's choice)
 
 
@@ -33,8 +34,10 @@ def lora_of(concept: Concept) -> dict[str, torch.Tensor]:
 
 
 def model_with_offsets(model: Any, concept: Concept) -> Any:
-    """The MODEL with the concept's offsets as ordinary LoRA patches, exactly as the stock LoraLoader applies them."""
+    """The MODEL with the concept's offsets as ordinary LoRA patches, exactly as the stock LoraLoader applies them,
+    marked with the concept's name (clones keep the mark)."""
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora_of(concept), 1.0, 0.0)
+    patched.model_options[OFFSETS_MARK] = concept.name
     return patched
 
 

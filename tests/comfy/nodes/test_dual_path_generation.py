@@ -82,6 +82,10 @@ def test_refusals_name_the_node_and_the_fix():
     model, clip, concept = tuned()
     with pytest.raises(ValueError, match="Tuning Encoder Dual Path: the text does not mention embedding:pup"):
         run_node(TuningEncoderDualPath, model=model, clip=clip, concept=concept, text="a photo of a cat", blend=0.5)
+    with pytest.raises(ValueError, match="this model already carries the offsets of concept 'pup'.*connect the "
+                       "checkpoint's MODEL"):
+        run_node(TuningEncoderDualPath, model=model_with_offsets(model, concept).clone(), clip=clip, concept=concept,
+                 text=TEXT, blend=0.5)
     ti = dataclasses.replace(concept, method="ti", tensors={})
     with pytest.raises(ValueError, match="was learned by ti; the dual path needs a Tuning Encoder concept"):
         run_node(TuningEncoderDualPath, model=model, clip=clip, concept=ti, text=TEXT, blend=0.5)
