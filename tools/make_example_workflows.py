@@ -100,12 +100,13 @@ def image_batch(g: Graph, names: list[str], x: int, y: int) -> int:
 
 
 def generate(g: Graph, ckpt: int, clip: tuple[int, int], text: str, x: int, y: int, prefix: str,
-             model: tuple[int, int] | None = None) -> None:
-    """Text → image with the stock nodes: two prompts, an empty latent, KSampler, decode and save."""
-    positive = g.node("CLIPTextEncode", (x, y), clip=clip, text=text)
+             model: tuple[int, int] | None = None, positive: tuple[int, int] | None = None) -> None:
+    """Text → image with the stock nodes: two prompts (or the negative one, given the `positive` conditioning), an
+    empty latent, KSampler, decode and save."""
+    positive = positive or (g.node("CLIPTextEncode", (x, y), clip=clip, text=text), 0)
     negative = g.node("CLIPTextEncode", (x, y + 200), clip=clip, text="blurry, low quality")
     latent = g.node("EmptyLatentImage", (x, y + 400), width=512, height=512, batch_size=1)
-    sampled = g.node("KSampler", (x + 440, y), model=model or (ckpt, 0), positive=(positive, 0),
+    sampled = g.node("KSampler", (x + 440, y), model=model or (ckpt, 0), positive=positive,
                      negative=(negative, 0), latent_image=(latent, 0), seed=42, steps=25, cfg=7.0, scheduler="normal")
     decoded = g.node("VAEDecode", (x + 800, y), samples=(sampled, 0), vae=(ckpt, 2))
     g.node("SaveImage", (x + 800, y + 120), images=(decoded, 0), filename_prefix=prefix)
@@ -219,7 +220,11 @@ offsets — a fast LoRA + embedding tuner. With weights pretrained by `tools/pre
 models/concept_encoders), connect a CLIP Vision Loader to clip_vision.
 
 Use both outputs: the MODEL carries the offsets, the CLIP the token. Save Concept with export_stock_files also
-writes a stock LoRA and embedding."""
+writes a stock LoRA and embedding.
+
+The lower row generates through Tuning Encoder Dual Path: the checkpoint's own MODEL, the concept and the prompt,
+blended in every attention block with the prompt's nearest real words (blend 1 = the row above). Lower blend obeys
+the rest of the prompt more and resembles the concept less."""
 
 
 def one_image_personalization(g: Graph) -> None:
@@ -229,8 +234,12 @@ def one_image_personalization(g: Graph) -> None:
     tuned = g.node("ConceptForgeTuningEncoder", (820, 20), model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2),
                    image=(image, 0), name="my_dog_1shot", class_word="dog")
     g.node("ConceptForgeSaveConcept", (820, 720), concept=(tuned, 2), export_stock_files=True)
-    generate(g, ckpt, (tuned, 1), "a photo of embedding:my_dog_1shot on the beach", 1220, 20,
-             "concept_forge/my_dog_1shot", model=(tuned, 0))
+    text = "a photo of embedding:my_dog_1shot on the beach"
+    generate(g, ckpt, (tuned, 1), text, 1220, 20, "concept_forge/my_dog_1shot", model=(tuned, 0))
+    dual = g.node("ConceptForgeTuningEncoderDualPath", (820, 1000), model=(ckpt, 0), clip=(ckpt, 1),
+                  concept=(tuned, 2), text=text, blend=0.8)
+    generate(g, ckpt, (dual, 2), text, 1220, 800, "concept_forge/my_dog_1shot_dual_path", model=(dual, 0),
+             positive=(dual, 1))
 
 
 def concept_slerp(g: Graph) -> None:

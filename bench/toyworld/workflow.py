@@ -61,15 +61,17 @@ def toy_prompt(pair: tuple[str, str], class_word: str, text: str, steps: int) ->
                    tuning_steps=steps, resolution=64)
     prompt[ids["CheckpointLoaderSimple"]]["inputs"]["ckpt_name"] = CHECKPOINT
     prompt[ids["LoadImage"]]["inputs"]["image"] = REFERENCE
-    prompt[ids["EmptyLatentImage"]]["inputs"].update(width=64, height=64, batch_size=4)
-    prompt[ids["KSampler"]]["inputs"].update(steps=20, cfg=5.0)
     prompt[ids["ConceptForgeSaveConcept"]]["inputs"]["overwrite"] = True
-    positive = next(k for k, v in prompt.items() if v["class_type"] == "CLIPTextEncode"
-                    and "embedding:" in v["inputs"]["text"])
-    prompt[positive]["inputs"]["text"] = text.format(f"embedding:{name}")
-    negative = next(k for k, v in prompt.items() if v["class_type"] == "CLIPTextEncode" and k != positive)
-    prompt[negative]["inputs"]["text"] = ""
-    prompt[ids["SaveImage"]]["inputs"]["filename_prefix"] = f"concept_forge/{name}"
+    for node in prompt.values():  # both rows: the Tuning Encoder's model, and the dual path's
+        inputs = node["inputs"]
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=64, height=64, batch_size=4)
+        elif node["class_type"] == "KSampler":
+            inputs.update(steps=20, cfg=5.0)
+        elif node["class_type"] in ("CLIPTextEncode", "ConceptForgeTuningEncoderDualPath"):
+            inputs["text"] = text.format(f"embedding:{name}") if "embedding:" in inputs["text"] else ""
+        elif node["class_type"] == "SaveImage":
+            inputs["filename_prefix"] = inputs["filename_prefix"].replace("my_dog_1shot", name)
     return prompt
 
 
