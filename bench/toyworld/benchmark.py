@@ -117,23 +117,32 @@ class Scorer:
             self.reference_features[concept.name] = feats.mean(0)
         return self.reference_features[concept.name]
 
-    def judge_prompts(self, model: Any, clip: Any, prompts: Sequence[str],
-                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def judge_prompts(self, model: Any, clip: Any, prompts: Sequence[str], seed: int,
+                      dual: tuple[Any, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The judge's reading of PER_GROUP images over `prompts`; `dual` = (a Tuning Encoder concept, α): each
+        prompt through Tuning Encoder Dual Path on the base model and CLIP instead of `model` and `clip`."""
+        from concept_forge.nodes.dual_path import TuningEncoderDualPath
+
         per = PER_GROUP // len(prompts)
         preds, feats = [], []
         for i, text in enumerate(prompts):
-            p, f = predict(self.judge, generate(model, clip, self.vae, text, per, seed + i))
+            sampled, positive = model, None
+            if dual is not None:
+                sampled, positive, clip = run_node(TuningEncoderDualPath, model=self.model, clip=self.clip,
+                                                   concept=dual[0], text=text, blend=dual[1])
+            p, f = predict(self.judge, generate(sampled, clip, self.vae, text, per, seed + i, positive=positive))
             preds.append(p)
             feats.append(f)
         return torch.cat(preds), torch.cat(feats)
 
     def score(self, model: Any, clip: Any, text: str, concept: world.Concept,
-              groups: Sequence[str] = ("identity", "position", "size", "colour")) -> dict[str, Any]:
+              groups: Sequence[str] = ("identity", "position", "size", "colour"),
+              dual: tuple[Any, float] | None = None) -> dict[str, Any]:
         """Counts out of `n` images per group: the concept recognised, the asked position, size or colour."""
         prompts = protocol.scored_prompts(text)
         out: dict[str, Any] = {"n": PER_GROUP}
         for group in groups:
-            preds, feats = self.judge_prompts(model, clip, prompts[group], GROUP_SEEDS[group])
+            preds, feats = self.judge_prompts(model, clip, prompts[group], GROUP_SEEDS[group], dual)
             if group == "identity":
                 out["identity"] = int(self._is_concept(preds, concept).sum())
                 out["feature_cosine"] = torch.nn.functional.cosine_similarity(
@@ -235,7 +244,8 @@ def run_cell(scorer: Scorer, row: Row, concept: world.Concept, seed: int) -> dic
         cell["train_s"] += time.time() - start
         previous = steps
         if steps == row.steps:
-            cell.update(scorer.score(model, clip, text, concept, row.score_groups), **learned_facts(learned))
+            dual = (learned, row.generation_blend) if row.generation_blend < 1 else None
+            cell.update(scorer.score(model, clip, text, concept, row.score_groups, dual), **learned_facts(learned))
             cell["recipe_train_s"] = cell["train_s"]
             cell["curve"][str(steps)] = cell["identity"] / cell["n"]
         else:

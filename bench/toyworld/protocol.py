@@ -36,6 +36,7 @@ class Row:
     options: Mapping[str, Any] = field(default_factory=dict)  # fields of the method's Options
     size_words: bool = True     # train on the template list as published (it says "small" and "large")
     curve: bool = True          # identity after every CURVE step (one run, resumed through the node)
+    generation_blend: float = 1.0  # α of Tuning Encoder Dual Path while scoring (1: the node's own outputs)
 
     @property
     def effective_learning_rate(self) -> float:
@@ -73,9 +74,10 @@ ENCODERS = {"full": "encoder.safetensors", "no contrastive": "encoder_no_contras
             "no dual path": "encoder_no_dual_path.safetensors", "scales": "encoder_scales.safetensors"}
 
 
-def _encoder_row(name: str, steps: int, encoder: str, recipe: str, **options: Any) -> Row:
+def _encoder_row(name: str, steps: int, encoder: str, recipe: str, generation_blend: float = 1.0,
+                 **options: Any) -> Row:
     return Row(name, "tuning_encoder", steps, 0.0, recipe, batch_size=1,
-               options={"encoder": ENCODERS[encoder], **options}, curve=False)
+               options={"encoder": ENCODERS[encoder], **options}, curve=False, generation_blend=generation_blend)
 
 
 ENCODER_ROWS = (
@@ -89,6 +91,9 @@ ENCODER_ROWS = (
                  "without the dual path (α = 1)", blend=1.0),
     _encoder_row("Tuning Encoder, scales hypernetwork", 12, "scales", "12 steps; encoder whose hypernetwork "
                  "predicts r scales per layer over shared factors instead of the offsets"),
+    _encoder_row("Tuning Encoder, dual path at generation", 12, "full", "the prediction and 12 tuning steps (node "
+                 "defaults), every image generated through Tuning Encoder Dual Path at its default α 0.8",
+                 generation_blend=0.8),
 )
 
 ROWS: dict[str, Row] = {r.name: r for r in (TI, TI_SLOW, DTI, DTI_BETA, BATEX, CATVERSION, CATVERSION_BIAS,

@@ -92,6 +92,10 @@ CLAIMS: tuple[tuple[str, str, str, str, Any], ...] = (
     ("The dual path helps (identity × fidelity)", "Tuning Encoder", "Tuning Encoder, no dual path", "product", 1),
     ("Predicting the offsets is not worse than predicting scales (identity × fidelity)", "Tuning Encoder",
      "Tuning Encoder, scales hypernetwork", "product", "kept"),
+    ("The dual path at generation follows the prompt better (fidelity)", "Tuning Encoder, dual path at generation",
+     "Tuning Encoder", "fidelity", 1),
+    ("The dual path at generation keeps the identity", "Tuning Encoder, dual path at generation", "Tuning Encoder",
+     "identity", "kept"),
 )
 SPEEDUPS = (("Tuning Encoder", "TI"), ("Tuning Encoder, 4 steps", "TI"))  # (row, against): wall time per concept
 
@@ -170,7 +174,8 @@ def write(cells: Sequence[Cell], out: Path, say: Callable[[str], None] = print) 
     result = {"protocol": {"rows": {name: {"method": r.method, "steps": r.steps, "learning_rate": r.learning_rate,
                                            "effective_learning_rate": r.effective_learning_rate,
                                            "batch_size": r.batch_size, "options": dict(r.options),
-                                           "size_words": r.size_words, "curve": r.curve, "recipe": r.recipe}
+                                           "size_words": r.size_words, "curve": r.curve, "recipe": r.recipe,
+                                           "generation_blend": r.generation_blend}
                                     for name, r in protocol.ROWS.items()},
                            "curve": protocol.CURVE, "per_group": protocol.PER_GROUP,
                            "prompts": protocol.scored_prompts("⟨c⟩"), "class_words": protocol.CLASS_WORD,
