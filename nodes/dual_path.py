@@ -111,6 +111,7 @@ def dual_path(model: Any, clip: Any, concept: Concept, text: str, alpha: float) 
     wrap_weights(patched, offsets.factors, offsets)
     previous = patched.model_options.get("model_function_wrapper")
     patched.set_model_unet_function_wrapper(HardContexts(alpha, soft[0][0], hard[0][0], previous))
+    patched.model_options[OFFSETS_MARK] = concept.name  # a second dual path on top would blend the wrong weights
     return patched, soft, soft_clip
 
 

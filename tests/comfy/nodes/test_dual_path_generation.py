@@ -86,6 +86,9 @@ def test_refusals_name_the_node_and_the_fix():
                        "checkpoint's MODEL"):
         run_node(TuningEncoderDualPath, model=model_with_offsets(model, concept).clone(), clip=clip, concept=concept,
                  text=TEXT, blend=0.5)
+    dual_model = run_node(TuningEncoderDualPath, model=model, clip=clip, concept=concept, text=TEXT, blend=0.5).args[0]
+    with pytest.raises(ValueError, match="already carries the offsets of concept 'pup'"):  # no dual path on a dual path
+        run_node(TuningEncoderDualPath, model=dual_model, clip=clip, concept=concept, text=TEXT, blend=0.5)
     ti = dataclasses.replace(concept, method="ti", tensors={})
     with pytest.raises(ValueError, match="was learned by ti; the dual path needs a Tuning Encoder concept"):
         run_node(TuningEncoderDualPath, model=model, clip=clip, concept=ti, text=TEXT, blend=0.5)
