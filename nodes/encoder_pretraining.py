@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--codes", type=float, default=1.0, help="weight of the regression of the predicted embedding "
                     "onto its concept's learned code (needs captions.txt's concept column; 0: off)")
     ap.add_argument("--code-learning-rate", type=float, default=5e-3, help="AdamW's learning rate for the codes")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradients' total norm to this "
+                    "(0: no clipping); a step with non-finite gradients is skipped either way")
     ap.add_argument("--targets", default="attention q/k/v/out")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--checkpoint-every", type=int, default=500)
@@ -100,7 +102,8 @@ def train_on_folder(host: Host, args: argparse.Namespace, rank: int, world: int)
     options = PretrainOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                               offset_penalty=args.offset_penalty, contrastive=args.contrastive, blend=args.blend,
                               checkpoint_every=args.checkpoint_every, codes=args.codes,
-                              code_learning_rate=args.code_learning_rate, seed=args.seed)
+                              code_learning_rate=args.code_learning_rate,
+                              max_grad_norm=args.max_grad_norm, seed=args.seed)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     concepts = sorted({concept for _, _, _, concept in pairs if concept})  # all shards', in one order
     return pretrain(host, encoder, examples, options, args.run_dir, rank, world,

@@ -17,6 +17,7 @@ torch: the host is whatever the caller builds.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -55,6 +56,8 @@ class PretrainOptions:
         codes (`float`, defaults to 1.0): weight of the regression ‖e − (E[class] + code)‖² of each predicted
             embedding e onto its concept's code; 0 = off, and off when no image names its concept.
         code_learning_rate (`float`, defaults to 5e-3): AdamW's for the codes (the pack's TI rate per sample).
+        max_grad_norm (`float`, defaults to 1.0): the gradients' total norm is clipped to this (diffusers' training
+            scripts' default); 0 = no clipping. A step whose gradients are not finite is skipped either way.
         seed (`int`, defaults to 0): seeds every draw.
     """
 
@@ -68,12 +71,15 @@ class PretrainOptions:
     log_every: int = 10
     codes: float = 1.0
     code_learning_rate: float = 5e-3
+    max_grad_norm: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_mechanisms(self.blend, self.contrastive)
         if not self.codes >= 0:
             raise ValueError(f"codes must be at least 0, got {self.codes}.")
+        if not self.max_grad_norm >= 0:
+            raise ValueError(f"max_grad_norm must be at least 0 (0: no clipping), got {self.max_grad_norm}.")
 
 
 @dataclass
@@ -158,9 +164,8 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
     optimizer = torch.optim.AdamW(groups, lr=options.learning_rate, weight_decay=0.0)
     fingerprint = {**asdict(options), "world": world, "examples": len(examples), "config": encoder.config.to_json(),
                    "concepts": len(names) if coded else 0}
-    fingerprint.pop("steps")
-    fingerprint.pop("checkpoint_every")
-    fingerprint.pop("log_every")
+    for free in ("steps", "checkpoint_every", "log_every", "max_grad_norm"):  # a resumed run may change these (a
+        fingerprint.pop(free)                                                    # diverging one: clip harder)
     first, losses = 1, []
     state_path = run_dir / "state.safetensors"
     if state_path.exists():
@@ -224,7 +229,12 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
                                                     for k, e in prediction.embeddings.items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
+        # after backward DDP's gradients are every rank's mean, so every rank clips and skips alike
+        norm = torch.nn.utils.clip_grad_norm_(trainee.parameters(), options.max_grad_norm or math.inf)
+        if torch.isfinite(norm):
+            optimizer.step()
+        elif rank == 0:
+            log(f"step {step}: the gradients are not finite; skipped (the parameters keep their last good values)")
         value = float(loss.detach())
         if distributed:
             total = torch.tensor([value], device=host.device)

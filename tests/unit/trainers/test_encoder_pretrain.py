@@ -1,5 +1,6 @@
 """Encoder pretraining on the tiny host: concept codes teach the encoder which features make a concept."""
 
+import pytest
 import torch
 from concept_forge.trainers.checkpoint import load_state
 from concept_forge.trainers.encoder_pretrain import Example, PretrainOptions, pretrain
@@ -32,14 +33,27 @@ def examples(host):
     return out
 
 
-def train(tmp_path, codes, steps=120):
-    host = FeatureHost()
+class SpikyHost(FeatureHost):
+    """The feature host whose loss is not finite on its `bad` calls (counted from 1)."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.calls, self.bad = 0, set(bad)
+
+    def loss(self, *args, **kwargs):
+        self.calls += 1
+        out = super().loss(*args, **kwargs)
+        return out * float("nan") if self.calls in self.bad else out
+
+
+def train(tmp_path, codes, steps=120, host=None, log=lambda line: None):
+    host = host or FeatureHost()
     data = examples(host)
     config = EncoderConfig(12, 4, {"l": 16}, host.unet_targets(""), rank=2, hidden=32, code=8)
     encoder = TuningEncoder(config, seed=0)
     options = PretrainOptions(steps=steps, batch_size=4, learning_rate=1e-2, offset_penalty=0.0, contrastive=0.0,
                               blend=1.0, codes=codes, code_learning_rate=5e-3, checkpoint_every=steps, log_every=steps)
-    pretrain(host, encoder, data, options, tmp_path, log=lambda line: None)
+    pretrain(host, encoder, data, options, tmp_path, log=log)
     return host, data, encoder
 
 
@@ -71,3 +85,21 @@ def test_without_codes_nothing_is_regressed_and_no_code_is_kept(tmp_path):
     assert len(state.parameters) == len(list(encoder.parameters()))   # no codes in the run
     assert state.fingerprint["concepts"] == 0
 
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_training_goes_on(tmp_path):
+    for run in ("one", "spiked", "later"):
+        (tmp_path / run).mkdir()
+    _, _, one = train(tmp_path / "one", codes=0.0, steps=1)
+    lines = []
+    _, _, spiked = train(tmp_path / "spiked", codes=0.0, steps=2, host=SpikyHost(bad={5}), log=lines.append)
+    assert all(torch.equal(a, b) for a, b in zip(one.parameters(), spiked.parameters(), strict=True))
+    assert any("step 2: the gradients are not finite; skipped" in line for line in lines)
+    _, _, later = train(tmp_path / "later", codes=0.0, steps=3, host=SpikyHost(bad={5}))
+    assert all(torch.isfinite(p).all() for p in later.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(one.parameters(), later.parameters(), strict=True))
+
+
+def test_the_gradient_norm_limit_is_checked():
+    with pytest.raises(ValueError, match="max_grad_norm must be at least 0"):
+        PretrainOptions(steps=1, max_grad_norm=-1.0)
