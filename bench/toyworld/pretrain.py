@@ -3,8 +3,10 @@
     COMFYUI_PATH=/opt/comfyui python bench/toyworld/pretrain.py --data /tmp/toyworld_encoder_data
     COMFYUI_PATH=/opt/comfyui torchrun --nproc_per_node 2 tools/pretrain_encoder.py \\
         --loader bench/toyworld/pretrain.py:models --data /tmp/toyworld_encoder_data --run-dir runs/toyworld \\
-        --resolution 64 --batch-size 4 --learning-rate 2e-3 --code 32 --steps 600 --out toyworld_encoder
-    # the shipped weights/encoder.safetensors; the ablations add --contrastive 0, --blend 1 or --hypernetwork scales
+        --resolution 64 --batch-size 4 --learning-rate 2e-3 --code 32 --steps 600 --max-grad-norm 0 \\
+        --out toyworld_encoder
+    # the shipped weights/encoder.safetensors (made before gradient clipping existed, hence --max-grad-norm 0); the
+    # ablations add --contrastive 0, --blend 1 or --hypernetwork scales
 
 The folder holds every colour × shape pair of the world except the benchmark concepts' eight and three more kept
 for checks outside the benchmark (UNSEEN_PAIRS), at random sizes and positions, with a `captions.txt` that names

@@ -94,6 +94,7 @@ def test_every_float_and_choice_input_of_every_node_refuses_what_its_schema_does
                     raise AssertionError(f"{kind}.{name} = {bad_value!r}: {e}") from None
                 assert any(message in e for e in errors), (kind, name, errors)
                 checked.add(kind)
-    with_float_or_choice = ("LearnConcept", "TrainingOptions", "TuningEncoder", "ApplyDTIToken", "ConceptSlerp",
-                            "DTIOptions", "BaTexOptions", "CatVersionOptions", "CatVersionResidual", "LoadConcept")
+    with_float_or_choice = ("LearnConcept", "TrainingOptions", "TuningEncoder", "TuningEncoderDualPath",
+                            "ApplyDTIToken", "ConceptSlerp", "DTIOptions", "BaTexOptions", "CatVersionOptions",
+                            "CatVersionResidual", "LoadConcept")
     assert checked == {f"ConceptForge{n}" for n in with_float_or_choice}
