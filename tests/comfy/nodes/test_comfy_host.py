@@ -74,14 +74,20 @@ def test_gradient_reaching_the_vector_matches_finite_differences():
 
 
 @pytest.mark.parametrize("arch, v_prediction", [("sd1", False), ("sd2", True), ("sdxl", False)])
-def test_fifty_ti_steps_lower_the_heldout_loss(arch, v_prediction):
-    model, clip, vae = models(arch, v_prediction)
-    with torch.inference_mode(False), torch.enable_grad(), ComfyHost(model, clip, vae, arch) as host:
-        method = TextualInversion(init_vectors(host, "dog"))
-        data = TrainingSet(tc.tiny_images(), list(OBJECT_TEMPLATES))
-        # 0.02: TI's default at batch 4 (0.005 per sample); at a quarter of it 50 steps may not move the vector far
-        result = train(method, host, data, LoopOptions(steps=50, learning_rate=0.02, batch_size=4, heldout_draws=8))
-    assert result.heldout_after < result.heldout_before
+def test_a_hundred_ti_steps_lower_the_heldout_loss(arch, v_prediction):
+    # The tiny models' loss depends little on the prompt (SD2's v-prediction least: 0.006–0.047 of 0.7 after 100
+    # steps, by seed), so one 50-step run's gain is within a change of torch's kernels of zero; three seeds' mean is not
+    gains = []
+    for seed in range(3):
+        model, clip, vae = models(arch, v_prediction)
+        with torch.inference_mode(False), torch.enable_grad(), ComfyHost(model, clip, vae, arch) as host:
+            method = TextualInversion(init_vectors(host, "dog"))
+            data = TrainingSet(tc.tiny_images(), list(OBJECT_TEMPLATES))
+            # 0.02: TI's default at batch 4 (0.005 per sample)
+            result = train(method, host, data, LoopOptions(steps=100, learning_rate=0.02, batch_size=4,
+                                                           heldout_draws=32, seed=seed))
+        gains.append(result.heldout_before - result.heldout_after)
+    assert sum(gains) / len(gains) > 0.01, gains
 
 
 def test_v_prediction_loss_is_the_mse_of_the_velocity():
