@@ -70,11 +70,12 @@ TUNING_ENCODER = Row("Tuning Encoder, no weights", "tuning_encoder", 12, 0.0, "i
                      "from one reference, no encoder weights", curve=False)
 # The pretrained toy-world encoders (bench/toyworld/weights/encoder*.safetensors, README "Tuning Encoder"): the
 # full one, and one pretrained with each mechanism switched off, tuned with that mechanism off too; these four were
-# pretrained without gradient clipping (--max-grad-norm 0), the "clipped" pair with the default 1.0
+# pretrained without gradient clipping (--max-grad-norm 0), the "clipped" ones with the default 1.0
 ENCODERS = {"full": "encoder.safetensors", "no contrastive": "encoder_no_contrastive.safetensors",
             "no dual path": "encoder_no_dual_path.safetensors", "scales": "encoder_scales.safetensors",
             "clipped": "encoder_clipped.safetensors",
-            "no dual path, clipped": "encoder_no_dual_path_clipped.safetensors"}
+            "no dual path, clipped": "encoder_no_dual_path_clipped.safetensors",
+            "no codes, clipped": "encoder_no_codes_clipped.safetensors"}
 
 
 def _encoder_row(name: str, steps: int, encoder: str, recipe: str, generation_blend: float = 1.0,
@@ -99,6 +100,9 @@ ENCODER_ROWS = (
     _encoder_row("Tuning Encoder, no dual path, clipped pretraining", 12, "no dual path, clipped", "12 steps; "
                  "encoder pretrained with clipped gradients and, as it is tuned, without the dual path (α = 1)",
                  blend=1.0),
+    _encoder_row("Tuning Encoder, no concept codes, clipped pretraining", 12, "no codes, clipped", "12 steps (node "
+                 "defaults); encoder pretrained with clipped gradients and without concept codes (DATE's losses "
+                 "alone, --codes 0)"),
     _encoder_row("Tuning Encoder, dual path at generation", 12, "full", "the prediction and 12 tuning steps (node "
                  "defaults), every image generated through Tuning Encoder Dual Path at its default α 0.8",
                  generation_blend=0.8),

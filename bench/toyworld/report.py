@@ -92,6 +92,8 @@ CLAIMS: tuple[tuple[str, str, str, str, Any], ...] = (
     ("The dual path helps (identity × fidelity)", "Tuning Encoder", "Tuning Encoder, no dual path", "product", 1),
     ("The dual path helps when pretraining clips its gradients (identity × fidelity)",
      "Tuning Encoder, clipped pretraining", "Tuning Encoder, no dual path, clipped pretraining", "product", 1),
+    ("Concept codes in pretraining help (identity)", "Tuning Encoder, clipped pretraining",
+     "Tuning Encoder, no concept codes, clipped pretraining", "identity", 1),
     ("Clipping the pretraining gradients keeps the identity", "Tuning Encoder, clipped pretraining",
      "Tuning Encoder", "identity", "kept"),
     ("Predicting the offsets is not worse than predicting scales (identity × fidelity)", "Tuning Encoder",
