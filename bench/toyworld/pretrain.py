@@ -7,7 +7,7 @@
         --out toyworld_encoder
     # the shipped weights/encoder.safetensors (made before gradient clipping existed, hence --max-grad-norm 0); the
     # ablations add --contrastive 0, --blend 1 or --hypernetwork scales. Without --max-grad-norm 0 (clipping at 1.0):
-    # weights/encoder_clipped.safetensors, and with --blend 1 too, weights/encoder_no_dual_path_clipped.safetensors
+    # weights/encoder_clipped.safetensors; with --blend 1, --codes 0 or --rank 2 / 8 too, the other *_clipped files
 
 The folder holds every colour × shape pair of the world except the benchmark concepts' eight and three more kept
 for checks outside the benchmark (UNSEEN_PAIRS), at random sizes and positions, with a `captions.txt` that names

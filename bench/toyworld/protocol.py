@@ -75,7 +75,9 @@ ENCODERS = {"full": "encoder.safetensors", "no contrastive": "encoder_no_contras
             "no dual path": "encoder_no_dual_path.safetensors", "scales": "encoder_scales.safetensors",
             "clipped": "encoder_clipped.safetensors",
             "no dual path, clipped": "encoder_no_dual_path_clipped.safetensors",
-            "no codes, clipped": "encoder_no_codes_clipped.safetensors"}
+            "no codes, clipped": "encoder_no_codes_clipped.safetensors",
+            "rank 2, clipped": "encoder_rank2_clipped.safetensors",
+            "rank 8, clipped": "encoder_rank8_clipped.safetensors"}
 
 
 def _encoder_row(name: str, steps: int, encoder: str, recipe: str, generation_blend: float = 1.0,
@@ -103,6 +105,9 @@ ENCODER_ROWS = (
     _encoder_row("Tuning Encoder, no concept codes, clipped pretraining", 12, "no codes, clipped", "12 steps (node "
                  "defaults); encoder pretrained with clipped gradients and without concept codes (DATE's losses "
                  "alone, --codes 0)"),
+    *(_encoder_row(f"Tuning Encoder, rank {r}, clipped pretraining", 12, f"rank {r}, clipped", "12 steps (node "
+                   f"defaults); encoder pretrained with clipped gradients at LoRA rank {r} (4 elsewhere)")
+      for r in (2, 8)),
     _encoder_row("Tuning Encoder, dual path at generation", 12, "full", "the prediction and 12 tuning steps (node "
                  "defaults), every image generated through Tuning Encoder Dual Path at its default α 0.8",
                  generation_blend=0.8),
