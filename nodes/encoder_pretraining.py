@@ -29,7 +29,14 @@ import torch
 from ..trainers.data import prepare_images
 from ..trainers.encoder_pretrain import Example, Item, PretrainOptions, pretrain, read_folder, shard
 from ..trainers.host import Host
-from ..trainers.tuning_encoder import HYPERNETWORKS, EncoderConfig, TuningEncoder
+from ..trainers.tuning_encoder import (
+    HYPERNETWORKS,
+    EncoderConfig,
+    TuningEncoder,
+    save_encoder,
+    signature_image,
+    vision_metadata,
+)
 
 PROBE_TIMESTEP = 500
 
@@ -144,21 +151,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.loader:
         model, clip, vae, clip_vision = _call(args.loader)
         source = args.loader
+        vision_name = getattr(clip_vision, "name", args.loader)  # a loader's CLIP_VISION may name its file
     else:
         checkpoint = _model_file("checkpoints", args.checkpoint, folder_paths)
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
             checkpoint, embedding_directory=folder_paths.get_folder_paths("embeddings"))
-        clip_vision = comfy.clip_vision.load(_model_file("clip_vision", args.clip_vision, folder_paths))
-        source = Path(checkpoint).name
+        vision_file = _model_file("clip_vision", args.clip_vision, folder_paths)
+        clip_vision = comfy.clip_vision.load(vision_file)
+        source, vision_name = Path(checkpoint).name, Path(vision_file).name
     arch = detect_arch(model, clip, "pretrain_encoder")
     with torch.inference_mode(False), torch.enable_grad():
         with ComfyHost(model, clip, vae, arch, clip_vision=clip_vision) as host:
             encoder = train_on_folder(host, args, rank, world)
+            signature_features = host.image_features(signature_image())
     if rank == 0 and args.out:
-        from ..trainers.tuning_encoder import save_encoder
-
         out = Path(folder_paths.get_folder_paths(ENCODERS)[0]) / f"{args.out}.safetensors"
-        save_encoder(encoder, out, {"checkpoint": source})
+        save_encoder(encoder, out, {"checkpoint": source, **vision_metadata(vision_name, signature_features)})
         print(f"wrote {out}")
     return 0
 

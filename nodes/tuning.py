@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import comfy.sd
@@ -12,7 +13,15 @@ from comfy_api.v0_0_2 import io
 from ..trainers.concept import Concept, name_problem
 from ..trainers.methods import tuning_encoder as tuning
 from ..trainers.methods.base import init_vectors
-from ..trainers.tuning_encoder import EncoderConfig, TuningEncoder, load_encoder, mismatches
+from ..trainers.tuning_encoder import (
+    EncoderConfig,
+    TuningEncoder,
+    load_encoder,
+    mismatches,
+    signature_image,
+    vision_problem,
+    vision_signature,
+)
 from .apply import apply_concepts
 from .host import ATTENTION_PROJECTIONS, ComfyHost
 from .learn import summary
@@ -48,6 +57,16 @@ def expected_config(host: ComfyHost, encoder: TuningEncoder, vision: torch.Tenso
                          host.unet_targets(targets), c.rank, c.hidden)
 
 
+_SIGNATURES: weakref.WeakKeyDictionary[Any, list[float]] = weakref.WeakKeyDictionary()  # per CLIP_VISION object
+
+
+def wired_signature(host: ComfyHost) -> list[float]:
+    """The signature of the host's CLIP vision model, computed once per loaded model (one forward)."""
+    if host.clip_vision not in _SIGNATURES:
+        _SIGNATURES[host.clip_vision] = vision_signature(host.image_features(signature_image()))
+    return _SIGNATURES[host.clip_vision]
+
+
 def predicted(host: ComfyHost, pixels: torch.Tensor, encoder: TuningEncoder, encoder_name: str, class_word: str,
               options: tuning.Options, seed: int) -> tuning.TunedPrediction:
     """The encoder's prediction from the first image, as the starting point of the tuning steps."""
@@ -57,6 +76,10 @@ def predicted(host: ComfyHost, pixels: torch.Tensor, encoder: TuningEncoder, enc
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed)).to(latent)
     unet = host.unet_features(latent, noise, torch.tensor([FEATURE_TIMESTEP], device=latent.device))
     problems = mismatches(encoder.config, expected_config(host, encoder, vision, unet, options.targets))
+    if not problems and encoder.vision_signature is not None:  # widths differ: no need to tell the models apart
+        problem = vision_problem(encoder, wired_signature(host))
+        if problem:
+            problems.append(problem)
     if problems:
         made_for = f" It was pretrained on {encoder.made_for}." if encoder.made_for else ""
         raise ValueError(f"the encoder {encoder_name} was made for another model: {'; '.join(problems)}."
@@ -69,6 +92,13 @@ def predicted(host: ComfyHost, pixels: torch.Tensor, encoder: TuningEncoder, enc
     embeddings = {k: e[0] for k, e in p.embeddings.items()}
     return tuning.TunedPrediction(host, class_word.strip(), class_embeddings, embeddings, encoder.config.targets,
                                   [u[0] for u in p.up], [d[0] for d in p.down], options, encoder_name)
+
+
+def load_weights(name: str) -> TuningEncoder:
+    try:
+        return load_encoder(folder_paths.get_full_path_or_raise(ENCODERS, name))
+    except ValueError as e:
+        raise ValueError(f"{NODE}: {e} Choose another encoder, or none.") from e
 
 
 class TuningEncoderNode(io.ComfyNode):
@@ -149,8 +179,7 @@ class TuningEncoderNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, name, class_word, encoder, tuning_steps, learning_rate, targets, rank,
                 blend, resolution, seed, contrastive=tuning.Options.contrastive, clip_vision=None) -> io.NodeOutput:
-        weights = None if encoder == NO_ENCODER else load_encoder(folder_paths.get_full_path_or_raise(ENCODERS,
-                                                                                                       encoder))
+        weights = None if encoder == NO_ENCODER else load_weights(encoder)
         rate = {} if weights is None else {"learning_rate": tuning.PRETRAINED_LEARNING_RATE}  # the default, when 0
         options = tuning.Options(rank=rank, targets=targets, blend=blend, contrastive=contrastive, **rate)
         if weights is not None and clip_vision is None:

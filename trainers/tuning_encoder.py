@@ -21,6 +21,7 @@ All heads start at zero, so an untrained encoder predicts exactly the class word
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,6 +93,8 @@ def _zero(linear: nn.Linear) -> nn.Linear:
 
 class TuningEncoder(nn.Module):
     made_for: str | None = None  # the checkpoint it was pretrained on, when its file says
+    vision_name: str | None = None  # the CLIP vision model it was pretrained with, when its file says
+    vision_signature: list[float] | None = None  # that model's `vision_signature`, when its file has it
 
     def __init__(self, config: EncoderConfig, seed: int = 0):
         super().__init__()
@@ -200,7 +203,36 @@ def check_mechanisms(blend: float, contrastive: float) -> None:
         raise ValueError(f"contrastive must be at least 0, got {contrastive}.")
 
 
+# -- which CLIP vision model an encoder reads -----------------------------------------------------------------------
+# Two vision models can be equally wide (ViT-L/14 and a fine-tuned ViT-L, or two toy towers padded to a ViT-L) and an
+# encoder fed another model's features predicts garbage without any error. Its file keeps a signature of the model
+# it was pretrained with: the features of a fixed image, projected onto a few fixed directions. The same model in
+# another precision gives nearly the same signature (cosine > 0.999); another model an unrelated one.
+SIGNATURE_SIZE = 16
+SAME_VISION = 0.99  # the least cosine between two signatures of one model
+
+
+def signature_image(size: int = 64) -> Tensor:
+    """The fixed image signatures are computed from: IMAGE [1, size, size, 3] of ramps and stripes in 0..1."""
+    ramp = torch.linspace(0, 1, size)
+    y, x = torch.meshgrid(ramp, ramp, indexing="ij")
+    return torch.stack([x, y, 0.5 + 0.5 * torch.sin(12 * (x + 2 * y))], dim=-1)[None]
+
+
+def vision_signature(features: Tensor) -> list[float]:
+    """A vision model's signature from its features of `signature_image()` ([1, T, W] penultimate hidden states):
+    the mean token projected onto SIGNATURE_SIZE seeded Gaussian directions, unit length."""
+    mean = features.detach().float().mean(dim=(0, 1)).cpu()                                          # [W]
+    directions = torch.randn(len(mean), SIGNATURE_SIZE, generator=torch.Generator().manual_seed(0))
+    return [round(float(v), 6) for v in F.normalize(mean @ directions, dim=0)]
+
+
+def same_vision(a: Sequence[float], b: Sequence[float]) -> bool:
+    return len(a) == len(b) and float(torch.tensor(a) @ torch.tensor(b)) >= SAME_VISION
+
+
 ENCODER_KEY = "concept_forge_encoder"
+VISION_KEYS = ("clip_vision", "clip_vision_signature")  # metadata: its name and `vision_signature`, as JSON
 
 
 def save_encoder(encoder: TuningEncoder, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
@@ -210,14 +242,69 @@ def save_encoder(encoder: TuningEncoder, path: str | os.PathLike[str], metadata:
 
 
 def load_encoder(path: str | os.PathLike[str]) -> TuningEncoder:
+    """Read an encoder file, or refuse it with a ValueError that says why.
+
+    Files are hostile until parsed: the config must build an encoder whose every tensor the file holds, with the
+    same shape (checked on the meta device, so a forged config cannot make us allocate what the file does not
+    hold), finite; the optional records must be of their kind.
+    """
+    name = Path(path).name
+    try:
+        return _read_encoder(path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} is not a usable Concept Forge tuning encoder: its metadata is not JSON ({e}).") from e
+    except Exception as e:
+        reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{name} is not a usable Concept Forge tuning encoder: {reason}") from e
+
+
+def _read_encoder(path: str | os.PathLike[str]) -> TuningEncoder:
     with safe_open(str(path), framework="pt", device="cpu") as f:
         metadata = f.metadata() or {}
         if ENCODER_KEY not in metadata:
-            raise ValueError(f"{Path(path).name} is not a Concept Forge tuning encoder (no {ENCODER_KEY} metadata).")
-        encoder = TuningEncoder(EncoderConfig.from_json(metadata[ENCODER_KEY]))
-        encoder.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
-    encoder.made_for = metadata.get("checkpoint")  # what it was pretrained on, for refusals
+            raise ValueError(f"it has no {ENCODER_KEY} metadata.")
+        config = EncoderConfig.from_json(metadata[ENCODER_KEY])
+        if len(config.targets) > len(f.keys()):  # each target has tensors of its own: a forged count stops here
+            raise ValueError("its config names more LoRA targets than it holds tensors.")
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in TuningEncoder(config).state_dict().items()}
+        held = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        if held != shapes:
+            raise ValueError("its tensors are not the ones its config describes.")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if not all(t.is_floating_point() and bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise ValueError("its weights are not all finite floating-point numbers.")
+    encoder = TuningEncoder(config)
+    encoder.load_state_dict(tensors)
+    encoder.made_for = _text(metadata, "checkpoint")  # what it was pretrained on, for refusals
+    encoder.vision_name = _text(metadata, VISION_KEYS[0])
+    if VISION_KEYS[1] in metadata:
+        signature = json.loads(metadata[VISION_KEYS[1]])
+        if not (isinstance(signature, list) and len(signature) == SIGNATURE_SIZE and
+                all(isinstance(v, (int, float)) and math.isfinite(v) for v in signature)):
+            raise ValueError(f"its {VISION_KEYS[1]} is not {SIGNATURE_SIZE} numbers.")
+        encoder.vision_signature = [float(v) for v in signature]
     return encoder
+
+
+def _text(metadata: Mapping[str, str], key: str) -> str | None:
+    """A name from the metadata, as shown in messages: control characters out, at most 200 characters."""
+    value = metadata.get(key)
+    return None if value is None else "".join(c for c in value if c.isprintable())[:200]
+
+
+def vision_metadata(name: str, features: Tensor) -> dict[str, str]:
+    """The metadata that records the CLIP vision model an encoder is pretrained with (`load_encoder` reads it)."""
+    return {VISION_KEYS[0]: name, VISION_KEYS[1]: json.dumps(vision_signature(features))}
+
+
+def vision_problem(encoder: TuningEncoder, signature: Sequence[float]) -> str | None:
+    """Why the vision model of `signature` is not the one `encoder` was pretrained with, if it is not (files
+    without a signature were written before signatures existed and pass)."""
+    if encoder.vision_signature is None or same_vision(encoder.vision_signature, signature):
+        return None
+    named = f", {encoder.vision_name}" if encoder.vision_name else ""
+    return f"the CLIP vision model wired to clip_vision is not the one it was pretrained with{named}"
 
 
 def mismatches(config: EncoderConfig, expected: EncoderConfig) -> list[str]:

@@ -14,7 +14,13 @@ from concept_forge.nodes.tuning import FEATURE_TIMESTEP, TuningEncoderNode, mode
 from concept_forge.trainers.loop import LoopOptions, TrainingSet, train  # noqa: E402
 from concept_forge.trainers.methods import tuning_encoder as tuning  # noqa: E402
 from concept_forge.trainers.templates import OBJECT_TEMPLATES  # noqa: E402
-from concept_forge.trainers.tuning_encoder import EncoderConfig, TuningEncoder, save_encoder  # noqa: E402
+from concept_forge.trainers.tuning_encoder import (  # noqa: E402
+    EncoderConfig,
+    TuningEncoder,
+    save_encoder,
+    signature_image,
+    vision_metadata,
+)
 
 
 def unet_output(model, cond, seed=0):
@@ -91,6 +97,7 @@ def test_an_encoder_predicts_the_start_and_a_mismatched_one_is_refused(model_fol
         latent = host.encode_images(tc.tiny_images(1))
         unet = host.unet_features(latent, torch.randn(latent.shape), torch.tensor([FEATURE_TIMESTEP]))
         features = host.image_features(tc.tiny_images(1))
+        signed = vision_metadata("tiny_vision.safetensors", host.image_features(signature_image()))
         config = EncoderConfig(features.shape[-1], unet.shape[-1], {"l": 32}, host.unet_targets("attention q/k/v"),
                                rank=2, hidden=16)
     encoder = TuningEncoder(config, seed=1)
@@ -98,7 +105,8 @@ def test_an_encoder_predicts_the_start_and_a_mismatched_one_is_refused(model_fol
         for head in [*encoder.embedding_heads.values(), *encoder.up_heads, *encoder.down_heads]:
             head.weight.normal_(0, 0.5)
     folder = model_folders / "concept_encoders"
-    save_encoder(encoder, folder / "tiny.safetensors", {"checkpoint": "tiny_sd1.safetensors"})
+    save_encoder(encoder, folder / "tiny.safetensors", {"checkpoint": "tiny_sd1.safetensors", **signed})
+    (folder / "torn.safetensors").write_bytes((folder / "tiny.safetensors").read_bytes()[:200])
     folder_paths.filename_list_cache.clear()
     inputs = tuning_inputs(model=model, clip=clip, vae=vae, encoder="tiny.safetensors", targets="attention q/k/v",
                            clip_vision=vision)
@@ -117,6 +125,14 @@ def test_an_encoder_predicts_the_start_and_a_mismatched_one_is_refused(model_fol
         run_node(TuningEncoderNode, **tuning_inputs(encoder="tiny.safetensors", clip_vision=vision))
     with pytest.raises(ValueError, match="connect a CLIP Vision Loader"):
         run_node(TuningEncoderNode, **tuning_inputs(encoder="tiny.safetensors"))
+    another_vision = tc.tiny_clip_vision(str(tmp_path), seed=4)  # as wide as the first: only the signature tells
+    with pytest.raises(ValueError, match="^Tuning Encoder: the encoder tiny.safetensors was made for another model: "
+                                         "the CLIP vision model wired to clip_vision is not the one it was pretrained "
+                                         "with, tiny_vision.safetensors. It was pretrained on tiny_sd1"):
+        run_node(TuningEncoderNode, **{**inputs, "clip_vision": another_vision})
+    with pytest.raises(ValueError, match="^Tuning Encoder: torn.safetensors is not a usable Concept Forge tuning "
+                                         "encoder: .* Choose another encoder, or none.$"):
+        run_node(TuningEncoderNode, **{**inputs, "encoder": "torn.safetensors"})
 
 
 # -- the dual path (DATE, docs/METHODS.md §6.2): per attention branch α·soft + (1 − α)·hard --------------------------

@@ -15,7 +15,12 @@ from concept_forge.trainers.tuning_encoder import (
     mismatches,
     nearest_tokens,
     save_encoder,
+    signature_image,
+    vision_metadata,
+    vision_problem,
+    vision_signature,
 )
+from safetensors.torch import save_file
 from tiny_host import TinyHost
 
 TARGETS = [("diffusion_model.a.attn1.to_q.weight", 5, 7), ("diffusion_model.b.attn2.to_k.weight", 4, 6)]
@@ -143,6 +148,78 @@ def test_encoder_files_round_trip_and_refuse_another_model(tmp_path):
     other = EncoderConfig(12, 24, {"l": 8, "g": 6}, CONFIG.targets[:1], 3, 16)
     assert mismatches(CONFIG, other) == ["unet_width 20 (the model needs 24)",
                                          "2 LoRA targets (the model has 1 of this kind)"]
+
+
+def test_a_vision_signature_tells_models_apart_and_survives_half_precision():
+    image = signature_image()
+    assert image.shape == (1, 64, 64, 3) and 0 <= image.min() and image.max() <= 1
+    assert torch.equal(image, signature_image())
+    towers = [torch.nn.Linear(3, 32) for _ in range(6)]
+    with torch.no_grad():
+        features = [tower(image.reshape(1, -1, 3)) for tower in towers]           # [1, 4096, 32] tokens each
+        half = towers[0].half()(image.reshape(1, -1, 3).half())
+    ours = vision_signature(features[0])
+    assert vision_signature(half) != ours and vision_problem(_signed(ours), vision_signature(half)) is None
+    assert all(vision_problem(_signed(ours), vision_signature(f)) for f in features[1:])
+    assert vision_problem(TuningEncoder(CONFIG), vision_signature(features[1])) is None  # unsigned: older files
+
+
+def _signed(signature, name="tower.safetensors"):
+    encoder = TuningEncoder(CONFIG)
+    encoder.vision_signature, encoder.vision_name = signature, name
+    return encoder
+
+
+def test_an_encoder_file_keeps_the_vision_model_it_was_pretrained_with(tmp_path):
+    features = torch.randn(1, 9, 12, generator=torch.Generator().manual_seed(4))
+    path = save_encoder(TuningEncoder(CONFIG), tmp_path / "enc.safetensors",
+                        {"checkpoint": "a.safetensors", **vision_metadata("vit.safetensors", features)})
+    back = load_encoder(path)
+    assert (back.made_for, back.vision_name) == ("a.safetensors", "vit.safetensors")
+    assert back.vision_signature == vision_signature(features)
+    assert vision_problem(back, vision_signature(-features)) == (
+        "the CLIP vision model wired to clip_vision is not the one it was pretrained with, vit.safetensors")
+
+
+def _forged(tmp_path, tensors=None, **metadata):
+    state = TuningEncoder(CONFIG).state_dict() if tensors is None else tensors
+    path = tmp_path / "forged.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path),
+              {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    return path
+
+
+@pytest.mark.parametrize("forgery, reason", [
+    ({}, "no concept_forge_encoder metadata"),
+    ({"concept_forge_encoder": "{not json"}, "its metadata is not JSON"),
+    ({"concept_forge_encoder": "[1, 2]"}, "TypeError"),
+    ({"concept_forge_encoder": {**json.loads(CONFIG.to_json()), "hidden": "wide"}}, "TypeError"),
+    ({"concept_forge_encoder": {**json.loads(CONFIG.to_json()), "vision_width": 10**12}},
+     "tensors are not the ones its config describes"),
+    ({"concept_forge_encoder": {**json.loads(CONFIG.to_json()), "targets": [["x", 10**6, 10**6]] * 10**5}},
+     "more LoRA targets than it holds tensors"),
+    ({"concept_forge_encoder": CONFIG.to_json(), "clip_vision_signature": "[1, 2]"}, "is not 16 numbers"),
+    ({"concept_forge_encoder": CONFIG.to_json(), "clip_vision_signature": json.dumps([float("nan")] * 16)},
+     "is not 16 numbers"),
+])
+def test_a_forged_encoder_file_is_refused_with_its_reason(tmp_path, forgery, reason):
+    refusal = f"^forged.safetensors is not a usable Concept Forge tuning encoder: .*{reason}"
+    with pytest.raises(ValueError, match=refusal):
+        load_encoder(_forged(tmp_path, **forgery))
+
+
+def test_an_encoder_file_with_non_finite_or_missing_weights_is_refused(tmp_path):
+    state = TuningEncoder(CONFIG).state_dict()
+    poisoned = {**state, "trunk.1.weight": torch.full_like(state["trunk.1.weight"], float("nan"))}
+    with pytest.raises(ValueError, match="weights are not all finite"):
+        load_encoder(_forged(tmp_path, poisoned, concept_forge_encoder=CONFIG.to_json()))
+    missing = {k: v for k, v in state.items() if k != "trunk.1.weight"}
+    with pytest.raises(ValueError, match="tensors are not the ones its config describes"):
+        load_encoder(_forged(tmp_path, missing, concept_forge_encoder=CONFIG.to_json()))
+    (tmp_path / "torn.safetensors").write_bytes(_forged(tmp_path, concept_forge_encoder=CONFIG.to_json())
+                                                .read_bytes()[:300])
+    with pytest.raises(ValueError, match="^torn.safetensors is not a usable"):
+        load_encoder(tmp_path / "torn.safetensors")
 
 
 def test_image_folders_give_class_words_and_shards_split_them(tmp_path):
