@@ -30,6 +30,8 @@ from ..trainers.data import prepare_images
 from ..trainers.encoder_pretrain import Example, Item, PretrainOptions, pretrain, read_folder, shard
 from ..trainers.host import Host
 from ..trainers.tuning_encoder import (
+    CONTRASTIVE_K,
+    CONTRASTIVE_TEMPERATURE,
     HYPERNETWORKS,
     EncoderConfig,
     TuningEncoder,
@@ -62,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--code", type=int, default=64, help="width of the offsets hypernetwork's shared bottleneck")
     ap.add_argument("--contrastive", type=float, default=0.01, help="weight of the nearest-token contrastive term "
                     "(0: off)")
+    ap.add_argument("--contrastive-k", type=int, default=CONTRASTIVE_K, help="the contrastive term's positives: "
+                    "the k nearest vocabulary rows of each predicted embedding")
+    ap.add_argument("--contrastive-temperature", type=float, default=CONTRASTIVE_TEMPERATURE,
+                    help="the contrastive term's τ")
     ap.add_argument("--blend", type=float, default=0.8, help="α of the dual path (1: off)")
     ap.add_argument("--offset-penalty", type=float, default=1e-4, help="λ of the L2 penalty on the predicted "
                     "embedding offset Δ (e = E[class] + 0.1·Δ)")
@@ -107,7 +113,9 @@ def train_on_folder(host: Host, args: argparse.Namespace, rank: int, world: int)
     examples = examples_from(host, mine, args.resolution)
     encoder = encoder_for(host, examples[0].vision[None], examples[0].latent[None], args).to(host.device)
     options = PretrainOptions(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                              offset_penalty=args.offset_penalty, contrastive=args.contrastive, blend=args.blend,
+                              offset_penalty=args.offset_penalty, contrastive=args.contrastive,
+                              contrastive_k=args.contrastive_k, contrastive_temperature=args.contrastive_temperature,
+                              blend=args.blend,
                               checkpoint_every=args.checkpoint_every, codes=args.codes,
                               code_learning_rate=args.code_learning_rate,
                               max_grad_norm=args.max_grad_norm, seed=args.seed)

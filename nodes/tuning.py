@@ -147,6 +147,12 @@ class TuningEncoderNode(io.ComfyNode):
                                step=0.001,
                                tooltip="Weight of the term that keeps the embedding near its nearest real words and "
                                "away from the rest of the vocabulary. 0 turns it off."),
+                io.Int.Input("contrastive_k", default=tuning.Options.contrastive_k, optional=True, min=1, max=64,
+                             tooltip="How many of the embedding's nearest real words the contrastive term pulls it "
+                             "toward (this pack's choice; README: how it was chosen)."),
+                io.Float.Input("contrastive_temperature", default=tuning.Options.contrastive_temperature,
+                               optional=True, min=0.01, max=1.0, step=0.01, tooltip="τ of the contrastive term: "
+                               "lower sharpens it toward the nearest words (this pack's choice)."),
                 io.ClipVision.Input("clip_vision", optional=True, tooltip="A CLIP vision model (CLIP Vision Loader); "
                                     "needed with encoder weights, which read the image through it."),
             ],
@@ -164,10 +170,12 @@ class TuningEncoderNode(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, name: str = "my_concept", class_word: str = "object", encoder: str = NO_ENCODER,
                         learning_rate: float = 0.0, targets: str = "attention q/k/v/out",
-                        blend: float = tuning.Options.blend,
-                        contrastive: float = tuning.Options.contrastive) -> bool | str:
+                        blend: float = tuning.Options.blend, contrastive: float = tuning.Options.contrastive,
+                        contrastive_k: int = tuning.Options.contrastive_k,
+                        contrastive_temperature: float = tuning.Options.contrastive_temperature) -> bool | str:
         problem = schema_problem(cls, NODE, name=name, class_word=class_word, encoder=encoder,
-                                 learning_rate=learning_rate, targets=targets, blend=blend, contrastive=contrastive)
+                                 learning_rate=learning_rate, targets=targets, blend=blend, contrastive=contrastive,
+                                 contrastive_k=contrastive_k, contrastive_temperature=contrastive_temperature)
         if problem:
             return problem
         if name is not None and name_problem(name):  # None: linked, checked when the node runs
@@ -178,10 +186,14 @@ class TuningEncoderNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, name, class_word, encoder, tuning_steps, learning_rate, targets, rank,
-                blend, resolution, seed, contrastive=tuning.Options.contrastive, clip_vision=None) -> io.NodeOutput:
+                blend, resolution, seed, contrastive=tuning.Options.contrastive,
+                contrastive_k=tuning.Options.contrastive_k,
+                contrastive_temperature=tuning.Options.contrastive_temperature, clip_vision=None) -> io.NodeOutput:
         weights = None if encoder == NO_ENCODER else load_weights(encoder)
         rate = {} if weights is None else {"learning_rate": tuning.PRETRAINED_LEARNING_RATE}  # the default, when 0
-        options = tuning.Options(rank=rank, targets=targets, blend=blend, contrastive=contrastive, **rate)
+        options = tuning.Options(rank=rank, targets=targets, blend=blend, contrastive=contrastive,
+                                 contrastive_k=int(contrastive_k), contrastive_temperature=contrastive_temperature,
+                                 **rate)
         if weights is not None and clip_vision is None:
             raise ValueError(f"{NODE}: the encoder {encoder} reads the image through a CLIP vision model; connect "
                              "a CLIP Vision Loader to clip_vision, or choose encoder none.")

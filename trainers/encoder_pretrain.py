@@ -33,7 +33,16 @@ from .host import Host
 from .loop import seeded
 from .methods.base import init_vectors
 from .templates import OBJECT_TEMPLATES
-from .tuning_encoder import Prediction, TuningEncoder, check_mechanisms, contrastive_loss, hard_rows, save_encoder
+from .tuning_encoder import (
+    CONTRASTIVE_K,
+    CONTRASTIVE_TEMPERATURE,
+    Prediction,
+    TuningEncoder,
+    check_mechanisms,
+    contrastive_loss,
+    hard_rows,
+    save_encoder,
+)
 
 Log = Callable[[str], None]
 
@@ -49,6 +58,8 @@ class PretrainOptions:
             0.01, which on the toy world held the embedding at its class word (the displacement 0.1·Δ a concept
             needs costs ten times the diffusion loss); 1e-4 is E4T's tuning-time value.
         contrastive (`float`, defaults to 0.01): weight of the nearest-token contrastive term (this pack's); 0 = off.
+        contrastive_k (`int`, defaults to 3): its positives, the k nearest vocabulary rows (this pack's choice).
+        contrastive_temperature (`float`, defaults to 0.07): its τ (this pack's choice).
         blend (`float`, defaults to 0.8): α of the dual path (`Host.set_dual_path`); 1 = off (this pack's choice,
             as the tuning's; the paper's α is not reported).
         checkpoint_every (`int`, defaults to 100): steps between checkpoints (and at the end).
@@ -66,6 +77,8 @@ class PretrainOptions:
     learning_rate: float = 1e-4
     offset_penalty: float = 1e-4
     contrastive: float = 0.01
+    contrastive_k: int = CONTRASTIVE_K
+    contrastive_temperature: float = CONTRASTIVE_TEMPERATURE
     blend: float = 0.8
     checkpoint_every: int = 100
     log_every: int = 10
@@ -75,7 +88,7 @@ class PretrainOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_mechanisms(self.blend, self.contrastive)
+        check_mechanisms(self.blend, self.contrastive, self.contrastive_k, self.contrastive_temperature)
         if not self.codes >= 0:
             raise ValueError(f"codes must be at least 0, got {self.codes}.")
         if not self.max_grad_norm >= 0:
@@ -225,7 +238,8 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
         if coded:  # every code in the graph, also when this shard's batch names none (DDP reduces them all)
             loss = loss + 0 * sum(c.sum() for c in trainee.codes.values())
         if options.contrastive:
-            loss = loss + options.contrastive * sum(contrastive_loss(e[:, 0], tables[k])
+            loss = loss + options.contrastive * sum(contrastive_loss(e[:, 0], tables[k], options.contrastive_k,
+                                                                     options.contrastive_temperature)
                                                     for k, e in prediction.embeddings.items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]

@@ -154,13 +154,18 @@ def _batched(rows: Tensor) -> Tensor:
     return rows if rows.dim() == 3 else rows[None]
 
 
+CONTRASTIVE_K = 3              # positives per embedding: its nearest vocabulary rows (this pack's choice)
+CONTRASTIVE_TEMPERATURE = 0.07  # τ, CLIP's initial temperature (this pack's choice)
+
+
 def nearest_tokens(embeddings: Tensor, table: Tensor, k: int = 1) -> Tensor:
     """Ids [N, k] of the vocabulary rows most cosine-similar to each of `embeddings` [N, d]."""
     similarity = F.normalize(embeddings, dim=-1) @ F.normalize(table.to(embeddings), dim=-1).T
     return similarity.topk(k, dim=-1).indices
 
 
-def contrastive_loss(embeddings: Tensor, table: Tensor, k: int = 3, temperature: float = 0.07,
+def contrastive_loss(embeddings: Tensor, table: Tensor, k: int = CONTRASTIVE_K,
+                     temperature: float = CONTRASTIVE_TEMPERATURE,
                      negatives: int | None = None) -> Tensor:
     """The nearest-CLIP-token contrastive term (docs/METHODS.md §6.2, this pack's formula; k, τ and the negatives
     are not the paper's).
@@ -195,12 +200,18 @@ def hard_rows(vectors: Mapping[str, Tensor], tables: Mapping[str, Tensor]) -> di
     return {k: tables[k][nearest_tokens(v.detach(), tables[k])[:, 0]].to(v) for k, v in vectors.items()}
 
 
-def check_mechanisms(blend: float, contrastive: float) -> None:
-    """The dual path's α is a blend (0..1; 1 = off) and the contrastive weight a weight (≥ 0; 0 = off)."""
+def check_mechanisms(blend: float, contrastive: float, k: int = CONTRASTIVE_K,
+                     temperature: float = CONTRASTIVE_TEMPERATURE) -> None:
+    """The dual path's α is a blend (0..1; 1 = off), the contrastive weight a weight (≥ 0; 0 = off), its k a
+    count of positives (1..64) and its τ a temperature (> 0)."""
     if not 0 <= blend <= 1:
         raise ValueError(f"blend (the dual path's α) must be in [0, 1], got {blend}.")
     if not contrastive >= 0:
         raise ValueError(f"contrastive must be at least 0, got {contrastive}.")
+    if not (isinstance(k, int) and 1 <= k <= 64):
+        raise ValueError(f"contrastive_k must be a whole number from 1 to 64, got {k}.")
+    if not temperature > 0:
+        raise ValueError(f"contrastive_temperature must be above 0, got {temperature}.")
 
 
 # -- which CLIP vision model an encoder reads -----------------------------------------------------------------------

@@ -44,7 +44,7 @@ def reference(colour: str, shape: str, seed: int) -> torch.Tensor:
 def check(scorer: benchmark.Scorer, colour: str, shape: str, steps: int, seed: int,
           tuning: Mapping[str, Any], generation_blends: Sequence[float] = (1.0,)) -> list[dict[str, Any]]:
     """Rows per prompt and generation blend (α of Tuning Encoder Dual Path; 1: the Tuning Encoder's own model);
-    `tuning`: Tuning Encoder inputs set (encoder, learning_rate, blend, contrastive)."""
+    `tuning`: Tuning Encoder inputs set (encoder, learning_rate, blend, contrastive and its k and τ)."""
     from concept_forge.nodes.dual_path import TuningEncoderDualPath
     from concept_forge.nodes.tuning import TuningEncoderNode
 
@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="encoder weights (default: the shipped toy-world encoder)")
     parser.add_argument("--blend", type=float, default=0.8, help="α of the dual path while tuning (the node's)")
     parser.add_argument("--contrastive", type=float, default=0.01, help="the contrastive term's weight (the node's)")
+    parser.add_argument("--contrastive-k", type=int, default=3, help="the contrastive term's positives (the node's)")
+    parser.add_argument("--contrastive-temperature", type=float, default=0.07, help="its τ (the node's)")
     parser.add_argument("--generation-blend", type=float, nargs="+", default=[1.0], help="α of Tuning Encoder "
                         "Dual Path at generation (1: the Tuning Encoder's model, no dual path)")
     parser.add_argument("--out", type=Path, default=RESULT)
@@ -99,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         shutil.copyfile(opts.encoder, Path(folder_paths.get_folder_paths(ENCODERS)[0]) / opts.encoder.name)
         folder_paths.filename_list_cache.clear()
     tuning = {"encoder": opts.encoder.name, "learning_rate": opts.learning_rate, "blend": opts.blend,
-              "contrastive": opts.contrastive}
+              "contrastive": opts.contrastive, "contrastive_k": opts.contrastive_k,
+              "contrastive_temperature": opts.contrastive_temperature}
     rows = [row for colour, shape in sorted(UNSEEN_PAIRS) for steps in opts.steps
             for row in check(scorer, colour, shape, steps, opts.seed, tuning, opts.generation_blend)]
     opts.out.write_text(json.dumps(rows, indent=1) + "\n")

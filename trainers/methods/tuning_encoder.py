@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..concept import Arch, Concept, Method, cpu_float
 from ..host import Host
-from ..tuning_encoder import check_mechanisms, contrastive_loss, hard_rows
+from ..tuning_encoder import CONTRASTIVE_K, CONTRASTIVE_TEMPERATURE, check_mechanisms, contrastive_loss, hard_rows
 from .base import init_vectors
 
 # Steps the tuner needs without encoder weights: TI's order (toy world: 12 steps reach identity 0.09 where TI's 400
@@ -41,10 +41,12 @@ class Options:
     blend: float = 0.8            # α of the dual path; 1 = off (the paper's α is not reported; README: how chosen)
     offset_penalty: float = 1e-4  # λ·‖e − E[class]‖², E4T's tuning-time default
     contrastive: float = 0.01     # weight of the nearest-token contrastive term; 0 = off (this pack's, not the paper's)
+    contrastive_k: int = CONTRASTIVE_K                        # its positives: the k nearest vocabulary rows
+    contrastive_temperature: float = CONTRASTIVE_TEMPERATURE  # its τ
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        check_mechanisms(self.blend, self.contrastive)
+        check_mechanisms(self.blend, self.contrastive, self.contrastive_k, self.contrastive_temperature)
 
 
 def lora_key(weight_key: str) -> str:
@@ -91,7 +93,8 @@ class TunedPrediction:
             terms += [o.offset_penalty * ((e - self.class_embeddings[k]) ** 2).sum()
                       for k, e in self.embeddings.items()]
         if o.contrastive:  # each row on its own: the concept's rows are not other concepts to push apart
-            terms += [o.contrastive * contrastive_loss(row[None], self.tables[k]) / len(e)
+            terms += [o.contrastive * contrastive_loss(row[None], self.tables[k], o.contrastive_k,
+                                                       o.contrastive_temperature) / len(e)
                       for k, e in self.embeddings.items() for row in e]
         return sum(terms) if terms else None  # type: ignore[return-value]
 
@@ -119,7 +122,8 @@ class TunedPrediction:
     def to_concept(self, name: str, arch: Arch, provenance: Mapping[str, Any]) -> Concept:
         o = self.options
         state = {"class_word": self.class_word, "rank": self.rank, "targets": o.targets, "layers": len(self.targets),
-                 "blend": o.blend, "contrastive": o.contrastive, "encoder": self.encoder}
+                 "blend": o.blend, "contrastive": o.contrastive, "contrastive_k": o.contrastive_k,
+                 "contrastive_temperature": o.contrastive_temperature, "encoder": self.encoder}
         return Concept(name=name, method="tuning_encoder", arch=arch, state=state, provenance=dict(provenance),
                        vectors={k: cpu_float(v) for k, v in self.embeddings.items()},
                        tensors={f"lora.{k}": v for k, v in self.lora_state_dict().items()})

@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from concept_forge.trainers.encoder_pretrain import read_folder, shard
+from concept_forge.trainers.encoder_pretrain import PretrainOptions, read_folder, shard
 from concept_forge.trainers.methods import tuning_encoder as tuning
 from concept_forge.trainers.tuning_encoder import (
     EMBED_SCALE,
@@ -136,6 +136,25 @@ def test_tuning_adds_the_contrastive_term_per_embedding_row_and_zero_turns_it_of
     assert float(term.detach()) == pytest.approx(float(expected.detach()), rel=1e-6) and float(term.detach()) > 0
     term.backward()
     assert rows.grad.abs().max() > 0
+    sharp = tuning.Options(offset_penalty=0.0, contrastive=0.5, contrastive_k=1, contrastive_temperature=0.5)
+    method = tuning.build(host, "teddy bear", 0, sharp)
+    rows = method.embeddings["l"]
+    expected = 0.5 * (contrastive_loss(rows[:1], table, 1, 0.5) + contrastive_loss(rows[1:], table, 1, 0.5)) / 2
+    assert float(method.regularizer().detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    assert float(expected) != pytest.approx(float(term.detach()), rel=1e-3)  # k and τ reach the term
+
+
+@pytest.mark.parametrize("options, refusal", [
+    ({"contrastive_k": 0}, "contrastive_k must be a whole number from 1 to 64, got 0"),
+    ({"contrastive_k": 2.5}, "contrastive_k must be a whole number"),
+    ({"contrastive_temperature": 0.0}, "contrastive_temperature must be above 0, got 0.0"),
+    ({"contrastive_temperature": float("nan")}, "contrastive_temperature must be above 0, got nan"),
+])
+def test_the_contrastive_terms_k_and_temperature_are_checked(options, refusal):
+    with pytest.raises(ValueError, match=refusal):
+        tuning.Options(**options)
+    with pytest.raises(ValueError, match=refusal):
+        PretrainOptions(steps=1, **options)
 
 
 def test_encoder_files_round_trip_and_refuse_another_model(tmp_path):
