@@ -47,7 +47,7 @@ from toyworld.judge import load_judge, predict  # noqa: E402  (imports ComfyUI: 
 from toyworld.models import WEIGHTS, load_clip, load_model, load_vae  # noqa: E402
 from toyworld.protocol import CLASS_WORD, GROUP_SEEDS, PER_GROUP, Row  # noqa: E402
 from toyworld.sampling import generate  # noqa: E402
-from toyworld.vision import install  # noqa: E402
+from toyworld.vision import Tower, encoder_tower, install  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CELLS = ROOT / "bench" / "results" / "toyworld"   # the raw cells are evidence too: kept, and continued from
@@ -91,17 +91,19 @@ class Scorer:
     def __init__(self) -> None:
         self.clip, self.vae, self.model, self.judge = load_clip(), load_vae(), load_model(), load_judge()
         self.reference_features: dict[str, torch.Tensor] = {}
-        self._clip_vision: Any = None
+        self._clip_vision: dict[Tower, Any] = {}
 
-    def clip_vision(self) -> Any:
-        """The vision tower as the stock Load CLIP Vision loads it (installed once in the scratch folders)."""
-        if self._clip_vision is None:
+    def clip_vision(self, encoder: Path) -> Any:
+        """The vision tower the encoder file names, as the stock Load CLIP Vision loads it (installed once in the
+        scratch folders)."""
+        tower = encoder_tower(encoder)
+        if tower not in self._clip_vision:
             import comfy.clip_vision
             import folder_paths
 
-            self._clip_vision = comfy.clip_vision.load(str(install(Path(
-                folder_paths.get_folder_paths("clip_vision")[0]))))
-        return self._clip_vision
+            self._clip_vision[tower] = comfy.clip_vision.load(str(install(Path(
+                folder_paths.get_folder_paths("clip_vision")[0]), tower)))
+        return self._clip_vision[tower]
 
     @property
     def width(self) -> int:
@@ -199,7 +201,8 @@ def learn(scorer: Scorer, row: Row, concept: world.Concept, seed: int, steps: in
 
     images, class_word = scorer.references(concept), CLASS_WORD[concept.name]
     if row.method == "tuning_encoder":  # one reference; the row's options are the node's inputs
-        encoder = {"clip_vision": scorer.clip_vision()} if "encoder" in row.options else {}
+        encoder = {"clip_vision": scorer.clip_vision(WEIGHTS / row.options["encoder"])} if "encoder" in row.options \
+            else {}
         model, clip, learned, _ = run_node(
             TuningEncoderNode, **{**node_defaults(TuningEncoderNode), "model": scorer.model, "clip": scorer.clip,
                                   "vae": scorer.vae, "image": images[:1], "name": concept.name,
@@ -236,7 +239,7 @@ def run_cell(scorer: Scorer, row: Row, concept: world.Concept, seed: int) -> dic
     cell: dict[str, Any] = {"row": row.name, "concept": concept.name, "kind": concept.kind, "seed": seed,
                             "phrase": text, "curve": {}, "train_s": 0.0}
     if "encoder" in row.options:
-        scorer.clip_vision()  # installed and loaded once, before any timing
+        scorer.clip_vision(WEIGHTS / row.options["encoder"])  # installed and loaded once, before any timing
     previous = 0
     for steps in protocol.curve_points(row):
         start = time.time()

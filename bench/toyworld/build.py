@@ -104,14 +104,17 @@ def stage_unet(opts: argparse.Namespace) -> None:
 
 
 def stage_vision(opts: argparse.Namespace) -> None:
-    from toyworld.vision import build
-    record("vision", build(opts.vision_steps, log=make_logger("vision")))
+    from toyworld.vision import TOWERS, build
+    for tower in TOWERS:  # each under its file's stem in world.json ("vision": the first)
+        if opts.force or not tower.file.exists():
+            record(tower.file.stem, build(tower, log=make_logger(tower.file.stem)))
 
 
 def outputs(stage: str) -> list[Path]:
+    from toyworld.vision import TOWERS  # reads ComfyUI's ViT-L config
     return {"vae": [WEIGHTS / "vae.safetensors"], "judge": [WEIGHTS / "judge.safetensors"],
             "data": [CACHE / "unet_data.safetensors"], "unet": [],   # unet: resumes, never skipped
-            "vision": [WEIGHTS / "vision.safetensors"]}[stage]
+            "vision": [tower.file for tower in TOWERS]}[stage]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -131,8 +134,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--unet-batch", type=int, default=256)
     parser.add_argument("--unet-time-limit", type=float, help="stop the UNet stage after this many seconds")
     parser.add_argument("--eval-every", type=int, default=1000, help="quick held-in check every N UNet steps")
-    parser.add_argument("--vision-steps", type=int, default=600, help="steps of each of the CLIP vision tower's "
-                        "two runs (batch 64)")
     parser.add_argument("--threads", type=int, default=1)
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)

@@ -74,10 +74,12 @@ def write_data(folder: Path, per_pair: int = 8, seed: int = 11) -> int:
 
 
 class PaddedTower:
-    """The small tower as a CLIP_VISION whose penultimate hidden states are the stock ViT-L file's."""
+    """A small tower as a CLIP_VISION whose penultimate hidden states are its stock ViT-L file's, named as that file
+    (the name pretraining records in the encoder)."""
 
-    def __init__(self) -> None:
-        self.small = vision.load_small().eval()
+    def __init__(self, tower: vision.Tower) -> None:
+        self.small = vision.load_small(tower).eval()
+        self.name = tower.stock_name
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, crop: bool = True) -> dict[str, torch.Tensor]:
@@ -88,7 +90,12 @@ class PaddedTower:
 
 def models() -> tuple[Any, Any, Any, Any]:
     """(MODEL, CLIP, VAE, CLIP_VISION) of the toy world, for `tools/pretrain_encoder.py --loader`."""
-    return load_model(), load_clip(), load_vae(), PaddedTower()
+    return load_model(), load_clip(), load_vae(), PaddedTower(vision.CURRENT)
+
+
+def models_first_tower() -> tuple[Any, Any, Any, Any]:
+    """`models()` with the first vision tower, which the encoders before the wide tower were pretrained with."""
+    return load_model(), load_clip(), load_vae(), PaddedTower(vision.FIRST)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

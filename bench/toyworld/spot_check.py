@@ -45,16 +45,19 @@ def check(scorer: benchmark.Scorer, colour: str, shape: str, steps: int, seed: i
           tuning: Mapping[str, Any], generation_blends: Sequence[float] = (1.0,)) -> list[dict[str, Any]]:
     """Rows per prompt and generation blend (α of Tuning Encoder Dual Path; 1: the Tuning Encoder's own model);
     `tuning`: Tuning Encoder inputs set (encoder, learning_rate, blend, contrastive and its k and τ)."""
+    import folder_paths
     from concept_forge.nodes.dual_path import TuningEncoderDualPath
+    from concept_forge.nodes.paths import ENCODERS
     from concept_forge.nodes.tuning import TuningEncoderNode
 
     name = f"{colour}{shape}"
+    encoder = Path(folder_paths.get_full_path_or_raise(ENCODERS, tuning["encoder"]))
     model, clip, concept, _ = benchmark.run_node(
         TuningEncoderNode, **{**benchmark.node_defaults(TuningEncoderNode), "model": scorer.model,
                               "clip": scorer.clip, "vae": scorer.vae, "image": reference(colour, shape, seed),
                               "name": name, "class_word": class_word(shape), "resolution": world.RES, "seed": seed,
                               "tuning_steps": steps, **tuning,
-                              "clip_vision": scorer.clip_vision()})
+                              "clip_vision": scorer.clip_vision(encoder)})
     rows = []
     for (i, (text, size, position)), blend in itertools.product(enumerate(PROMPTS), generation_blends):
         prompt, positive, sampled = text.format(f"embedding:{name}"), None, model

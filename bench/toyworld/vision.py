@@ -21,10 +21,12 @@ in none of its training images.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,19 +37,64 @@ import torch.nn.functional as F
 from . import world
 from .models import COMFYUI_PATH, WEIGHTS, _load_into, _out_of_place, save_weights
 
-SMALL = dict(hidden_act="quick_gelu", hidden_size=64, image_size=224, intermediate_size=256, layer_norm_eps=1e-5,
-             model_type="clip_vision_model", num_attention_heads=1, num_channels=3, num_hidden_layers=2,
-             patch_size=14)
 STOCK_CONFIG = Path(COMFYUI_PATH, "comfy", "clip_vision_config_vitl.json")  # what the stock loader builds
-STOCK_WIDTH = json.loads(STOCK_CONFIG.read_text())["hidden_size"]
-VISION_FILE = WEIGHTS / "vision.safetensors"
-STOCK_NAME = "toyworld_vision_vitl.safetensors"
+STOCK = json.loads(STOCK_CONFIG.read_text())
+STOCK_WIDTH = STOCK["hidden_size"]
+HEAD_WIDTH = STOCK_WIDTH // STOCK["num_attention_heads"]  # a small tower's heads are as wide: they sit in ViT-L's
+
+
+@dataclass(frozen=True)
+class Tower:
+    """A small tower: its file, its width (in heads of HEAD_WIDTH) and depth, and how it was built — `runs` of
+    `steps` (batch 64), each continuing the last, with the given share of objects repainted in random colours."""
+
+    file: Path
+    width: int
+    layers: int
+    runs: tuple[float, ...]
+    steps: int
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Its config for ComfyUI's CLIPVisionModelProjection."""
+        return dict(hidden_act="quick_gelu", hidden_size=self.width, image_size=224, intermediate_size=4 * self.width,
+                    layer_norm_eps=1e-5, model_type="clip_vision_model", num_attention_heads=self.width // HEAD_WIDTH,
+                    num_channels=3, num_hidden_layers=self.layers, patch_size=14)
+
+    @property
+    def stock_name(self) -> str:
+        """The name of the stock ViT-L file that holds it (`install`)."""
+        return f"toyworld_{self.file.stem}_vitl.safetensors"
+
+
+FIRST = Tower(WEIGHTS / "vision.safetensors", 64, 2, (0.0, 0.0, 0.5), 600)   # the encoders before the wide one
+WIDE = Tower(WEIGHTS / "vision_128x4.safetensors", 128, 4, (0.3,), 800)
+TOWERS = (FIRST, WIDE)
+CURRENT = FIRST  # the one new encoders are pretrained with
 BENCHMARK_PAIRS = frozenset((c.colour, c.shape) for c in world.CONCEPTS.values())
 CENTRED = ("embeddings.patch_embedding.weight", "embeddings.class_embedding", "self_attn.out_proj.weight",
            "self_attn.out_proj.bias", "mlp.fc2.weight", "mlp.fc2.bias")
 
 
-def small_model(seed: int = 0) -> torch.nn.Module:
+def tower_named(stock_name: str | None) -> Tower:
+    """The tower whose stock file is `stock_name` (what an encoder file names); FIRST for files that name none."""
+    if stock_name is None:
+        return FIRST
+    for tower in TOWERS:
+        if tower.stock_name == stock_name:
+            return tower
+    raise ValueError(f"no toy-world tower is installed as {stock_name}")
+
+
+@functools.cache
+def encoder_tower(encoder: Path) -> Tower:
+    """The tower an encoder file names as the CLIP vision model it was pretrained with (the pack is imported)."""
+    from concept_forge.trainers.tuning_encoder import load_encoder
+
+    return tower_named(load_encoder(encoder).vision_name)
+
+
+def small_model(seed: int = 0, tower: Tower = CURRENT) -> torch.nn.Module:
     """The trainable small tower (fp32, CPU), seeded, its stream writers centred."""
     import comfy.clip_model
     import comfy.ops
@@ -55,13 +102,13 @@ def small_model(seed: int = 0) -> torch.nn.Module:
     from .models import _initialise
 
     with torch.inference_mode(False):
-        model = comfy.clip_model.CLIPVisionModelProjection(dict(SMALL), torch.float32, "cpu", comfy.ops.manual_cast)
+        model = comfy.clip_model.CLIPVisionModelProjection(tower.config, torch.float32, "cpu", comfy.ops.manual_cast)
         _initialise(model, seed)
     for layer in model.vision_model.encoder.layers:
         layer.forward = _out_of_place(layer)  # CLIPLayer adds its residuals in place, which autograd refuses
     for module in model.modules():  # the ε the ViT-L's LayerNorms amount to on the padded stream: exact equality
         if isinstance(module, torch.nn.LayerNorm):
-            module.eps *= STOCK_WIDTH / SMALL["hidden_size"]
+            module.eps *= STOCK_WIDTH / tower.width
     pre = model.vision_model.pre_layrnorm
     pre.weight.requires_grad_(False)
     pre.bias.requires_grad_(False)
@@ -83,7 +130,7 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
     """IMAGE [B, H, W, 3] in 0..1 → the pixel values the stock CLIP vision model sees (resize, crop, normalise)."""
     import comfy.clip_vision
 
-    return comfy.clip_vision.clip_preprocess(images, size=SMALL["image_size"], crop=True).float()
+    return comfy.clip_vision.clip_preprocess(images, size=STOCK["image_size"], crop=True).float()
 
 
 def tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -115,15 +162,15 @@ def renders(n: int, seed: int, include_benchmark_pairs: bool, random_colour: flo
     return torch.from_numpy(np.stack(images)).float() / 255, torch.tensor(labels)
 
 
-def train(steps: int = 600, batch_size: int = 64, seed: int = 0, learning_rate: float = 2e-3,
+def train(tower: Tower, steps: int = 600, batch_size: int = 64, seed: int = 0, learning_rate: float = 2e-3,
           start: Path | None = None, random_colour: float = 0.0, log: Callable[[str], None] = print
           ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Supervised attribute heads on the mean token (from `start`'s tower weights when given, with new heads and a
     new schedule); returns the tower and its training stats."""
-    model = small_model(seed)
+    model = small_model(seed, tower)
     if start is not None:
         _load_into(model, start)
-    heads = torch.nn.ModuleList(torch.nn.Linear(SMALL["hidden_size"], len(world.CLASSES[a]))
+    heads = torch.nn.ModuleList(torch.nn.Linear(tower.width, len(world.CLASSES[a]))
                                 for a in world.ATTRIBUTES)
     parameters = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
@@ -149,9 +196,9 @@ def train(steps: int = 600, batch_size: int = 64, seed: int = 0, learning_rate: 
                    "final_loss": float(np.mean(losses[-20:]))}
 
 
-def load_small(path: Path = VISION_FILE) -> torch.nn.Module:
-    model = small_model()
-    _load_into(model, path)
+def load_small(tower: Tower = CURRENT) -> torch.nn.Module:
+    model = small_model(tower=tower)
+    _load_into(model, tower.file)
     return model
 
 
@@ -159,11 +206,12 @@ def load_small(path: Path = VISION_FILE) -> torch.nn.Module:
 def stock_state_dict(small: torch.nn.Module, config: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The ViT-L/14 state dict (or one of another `config` as wide as STOCK_WIDTH, with heads as wide as the small
     model's) that computes `small` exactly in its first channels (see the module docstring)."""
-    config = config or json.loads(STOCK_CONFIG.read_text())
+    config = config or STOCK
     width, hidden = config["hidden_size"], config["intermediate_size"]
-    if width != STOCK_WIDTH or width // config["num_attention_heads"] != SMALL["hidden_size"]:
-        raise ValueError("the padded model must be STOCK_WIDTH wide with heads as wide as the small model")
-    d = SMALL["hidden_size"]
+    layers = small.vision_model.encoder.layers
+    d = small.vision_model.embeddings.patch_embedding.weight.shape[0]
+    if width != STOCK_WIDTH or width // config["num_attention_heads"] != d // layers[0].self_attn.heads:
+        raise ValueError("the padded model must be STOCK_WIDTH wide with heads as wide as the small model's")
     ln_scale = math.sqrt(d / width)
     src = {k: v.detach().float() for k, v in small.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
@@ -191,7 +239,7 @@ def stock_state_dict(small: torch.nn.Module, config: dict[str, Any] | None = Non
     norm(f"{v}.post_layernorm", f"{v}.post_layernorm")
     for i in range(config["num_hidden_layers"]):
         key, source = f"{v}.encoder.layers.{i}", f"{v}.encoder.layers.{i}"
-        trained = i < SMALL["num_hidden_layers"]
+        trained = i < len(layers)
         for n in ("layer_norm1", "layer_norm2"):
             norm(f"{key}.{n}", f"{source}.{n}" if trained else None)
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -206,14 +254,15 @@ def stock_state_dict(small: torch.nn.Module, config: dict[str, Any] | None = Non
     return out
 
 
-def install(folder: Path, small_path: Path = VISION_FILE) -> Path:
-    """Write the stock-loadable file into `folder` (a models/clip_vision folder) unless it is there; its path."""
+def install(folder: Path, tower: Tower = CURRENT) -> Path:
+    """Write the tower's stock-loadable file into `folder` (a models/clip_vision folder) unless it is there; its
+    path."""
     from safetensors.torch import save_file
 
-    target = folder / STOCK_NAME
+    target = folder / tower.stock_name
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.half().contiguous() for k, v in stock_state_dict(load_small(small_path)).items()}
+        state = {k: v.half().contiguous() for k, v in stock_state_dict(load_small(tower)).items()}
         with tempfile.NamedTemporaryFile(dir=folder, suffix=".partial", delete=False) as f:
             partial = Path(f.name)
         save_file(state, str(partial))
@@ -274,16 +323,14 @@ def benchmark_renders(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.stack(images)).float() / 255, torch.tensor(labels)
 
 
-STAGES = (0.0, 0.0, 0.5)  # per run of the build: the share of objects repainted in a random colour
-
-
-def build(steps: int, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train in runs of `steps` (each continuing the last with a new cosine schedule; STAGES), save the small
-    tower, probe it; the stats for world.json."""
+def build(tower: Tower, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train the tower in its runs (each continuing the last with a new cosine schedule), save it, probe it; the
+    stats for world.json."""
     runs = []
-    for i, random_colour in enumerate(STAGES):
-        model, stats = train(steps, start=VISION_FILE if i else None, random_colour=random_colour, log=log)
-        save_weights(model, VISION_FILE)
+    for i, random_colour in enumerate(tower.runs):
+        model, stats = train(tower, tower.steps, start=tower.file if i else None, random_colour=random_colour,
+                             log=log)
+        save_weights(model, tower.file)
         runs.append(stats)
     stats = {"runs": runs}
     stats["probe"] = linear_probe(model)

@@ -44,6 +44,8 @@ def toy_prompt(pair: tuple[str, str], class_word: str, text: str, steps: int) ->
     from concept_forge.nodes.paths import register_model_folders
     from concept_forge.nodes.workflow_api import workflow_to_prompt
 
+    from toyworld import vision
+
     register_model_folders()
 
     import nodes
@@ -54,7 +56,8 @@ def toy_prompt(pair: tuple[str, str], class_word: str, text: str, steps: int) ->
                                 lambda kind: classes[kind].INPUT_TYPES() if kind in classes else None)
     ids = {v["class_type"]: k for k, v in prompt.items()}
     vision_id = str(max(int(k) for k in prompt) + 1)
-    prompt[vision_id] = {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "toyworld_vision_vitl.safetensors"}}
+    tower = vision.encoder_tower(ENCODER_FILE)
+    prompt[vision_id] = {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": tower.stock_name}}
     name = f"toy_{'_'.join(pair)}"
     encoder = prompt[ids["ConceptForgeTuningEncoder"]]["inputs"]
     encoder.update(clip_vision=[vision_id, 0], encoder=ENCODER, name=name, class_word=class_word,
@@ -86,7 +89,7 @@ def install(base: Path, pair: tuple[str, str]) -> None:
     from toyworld import vision, world
     from toyworld.models import WEIGHTS
 
-    vision.install(Path(folder_paths.get_folder_paths("clip_vision")[0]))
+    vision.install(Path(folder_paths.get_folder_paths("clip_vision")[0]), vision.encoder_tower(ENCODER_FILE))
     checkpoint = Path(folder_paths.get_folder_paths("checkpoints")[0]) / CHECKPOINT
     if not checkpoint.exists():
         checkpoint.parent.mkdir(parents=True, exist_ok=True)

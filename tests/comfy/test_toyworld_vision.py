@@ -19,9 +19,9 @@ from toyworld import vision, world  # noqa: E402
 STOCK = json.loads(vision.STOCK_CONFIG.read_text())
 
 
-def perturbed_small(seed=0):
+def perturbed_small(seed=0, tower=vision.FIRST):
     """A small tower with weights away from their initial values, its constraints restored as training does."""
-    model = vision.small_model(seed)
+    model = vision.small_model(seed, tower)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -31,17 +31,20 @@ def perturbed_small(seed=0):
     return model
 
 
-def test_the_stock_file_has_exactly_the_keys_and_shapes_the_stock_loader_builds():
+@pytest.mark.parametrize("tower", vision.TOWERS, ids=lambda t: t.file.stem)
+def test_the_stock_file_has_exactly_the_keys_and_shapes_the_stock_loader_builds(tower):
     with torch.device("meta"):
         stock = comfy.clip_model.CLIPVisionModelProjection(STOCK, torch.float32, "meta", comfy.ops.manual_cast)
-    built = vision.stock_state_dict(perturbed_small())
+    built = vision.stock_state_dict(perturbed_small(tower=tower))
     assert {k: tuple(v.shape) for k, v in built.items()} == {k: tuple(v.shape) for k, v in stock.state_dict().items()}
     assert f"vision_model.encoder.layers.{STOCK['num_hidden_layers'] - 2}.layer_norm1.weight" in built  # ViT-L's key
 
 
-def test_the_wide_model_computes_the_small_tower_exactly():
-    small = perturbed_small(1)
-    config = {**STOCK, "num_hidden_layers": 4}  # ViT-L's width and heads, fewer layers: the same padding, cheaper
+@pytest.mark.parametrize("tower", vision.TOWERS, ids=lambda t: t.file.stem)
+def test_the_wide_model_computes_the_small_tower_exactly(tower):
+    """Also with several heads: the small tower's heads are ViT-L's first ones."""
+    small = perturbed_small(1, tower)
+    config = {**STOCK, "num_hidden_layers": 6}  # ViT-L's width and heads, fewer layers: the same padding, cheaper
     wide = comfy.clip_model.CLIPVisionModelProjection(config, torch.float32, "cpu", comfy.ops.manual_cast)
     wide.load_state_dict(vision.stock_state_dict(small, config))
     images, _ = vision.renders(2, seed=5, include_benchmark_pairs=True)
@@ -49,8 +52,8 @@ def test_the_wide_model_computes_the_small_tower_exactly():
         expected = vision.tokens(small, images)
         penultimate = wide(pixel_values=vision.preprocess(images), intermediate_output=-2)[1]
     assert expected.abs().max() > 1
-    assert (penultimate[..., :vision.SMALL["hidden_size"]] - expected).abs().max() < 1e-4
-    assert penultimate[..., vision.SMALL["hidden_size"]:].abs().max() == 0
+    assert (penultimate[..., :tower.width] - expected).abs().max() < 1e-4
+    assert penultimate[..., tower.width:].abs().max() == 0
 
 
 def test_the_constraints_refuse_a_width_the_stock_loader_never_builds():
@@ -58,7 +61,7 @@ def test_the_constraints_refuse_a_width_the_stock_loader_never_builds():
         vision.stock_state_dict(perturbed_small(), {**STOCK, "hidden_size": 512})
 
 
-@pytest.mark.skipif(not vision.VISION_FILE.exists(), reason="the shipped vision tower is not built")
+@pytest.mark.skipif(not vision.CURRENT.file.exists(), reason="the shipped vision tower is not built")
 def test_the_shipped_tower_carries_colour_on_unseen_pairs_and_shape_well_above_chance():
     """Linear probes on the mean token, fitted on scenes without the benchmark pairs. The build's probe (3,000
     scenes; weights/world.json) reads colour 1.00 on the benchmark pairs, shape 0.79 on seen pairs and 0.39 on the
