@@ -93,11 +93,6 @@ def models() -> tuple[Any, Any, Any, Any]:
     return load_model(), load_clip(), load_vae(), PaddedTower(vision.CURRENT)
 
 
-def models_first_tower() -> tuple[Any, Any, Any, Any]:
-    """`models()` with the first vision tower, which the encoders before the wide tower were pretrained with."""
-    return load_model(), load_clip(), load_vae(), PaddedTower(vision.FIRST)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the toy world's encoder-pretraining image folder.")
     parser.add_argument("--data", type=Path, required=True)

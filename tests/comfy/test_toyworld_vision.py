@@ -40,7 +40,10 @@ def test_the_stock_file_has_exactly_the_keys_and_shapes_the_stock_loader_builds(
     assert f"vision_model.encoder.layers.{STOCK['num_hidden_layers'] - 2}.layer_norm1.weight" in built  # ViT-L's key
 
 
-@pytest.mark.parametrize("tower", vision.TOWERS, ids=lambda t: t.file.stem)
+TWO_HEADS = vision.Tower(vision.FIRST.file, 128, 3, (0.0,), 1)  # a config only: its weights are never loaded
+
+
+@pytest.mark.parametrize("tower", [*vision.TOWERS, TWO_HEADS], ids=lambda t: f"{t.width}x{t.layers}")
 def test_the_wide_model_computes_the_small_tower_exactly(tower):
     """Also with several heads: the small tower's heads are ViT-L's first ones."""
     small = perturbed_small(1, tower)
