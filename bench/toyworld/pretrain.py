@@ -5,9 +5,11 @@
         --loader bench/toyworld/pretrain.py:models --data /tmp/toyworld_encoder_data --run-dir runs/toyworld \\
         --resolution 64 --batch-size 4 --learning-rate 2e-3 --code 32 --steps 600 --max-grad-norm 0 \\
         --out toyworld_encoder
-    # the shipped weights/encoder.safetensors (made before gradient clipping existed, hence --max-grad-norm 0); the
-    # ablations add --contrastive 0, --blend 1 or --hypernetwork scales. Without --max-grad-norm 0 (clipping at 1.0):
-    # weights/encoder_clipped.safetensors; with --blend 1, --codes 0 or --rank 2 / 8 too, the other *_clipped files
+    # weights/encoder_vision2_clipped.safetensors: the second vision tower (vision.CURRENT), gradients clipped at
+    # the default 1.0. With --loader bench/toyworld/pretrain.py:first_tower_models, the encoders of the first tower:
+    # with --max-grad-norm 0 (made before clipping existed) the shipped weights/encoder.safetensors, whose ablations
+    # add --contrastive 0, --blend 1 or --hypernetwork scales; without it weights/encoder_clipped.safetensors, and
+    # with --blend 1, --codes 0 or --rank 2 / 8 too, the other *_clipped files
 
 The folder holds every colour × shape pair of the world except the benchmark concepts' eight and three more kept
 for checks outside the benchmark (UNSEEN_PAIRS), at random sizes and positions, with a `captions.txt` that names
@@ -88,9 +90,14 @@ class PaddedTower:
                                                                                states.shape[-1]))}
 
 
-def models() -> tuple[Any, Any, Any, Any]:
+def models(tower: vision.Tower = vision.CURRENT) -> tuple[Any, Any, Any, Any]:
     """(MODEL, CLIP, VAE, CLIP_VISION) of the toy world, for `tools/pretrain_encoder.py --loader`."""
-    return load_model(), load_clip(), load_vae(), PaddedTower(vision.CURRENT)
+    return load_model(), load_clip(), load_vae(), PaddedTower(tower)
+
+
+def first_tower_models() -> tuple[Any, Any, Any, Any]:
+    """`models()` with the first vision tower, the one the encoders shipped before the second were pretrained on."""
+    return models(vision.FIRST)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -77,7 +77,9 @@ ENCODERS = {"full": "encoder.safetensors", "no contrastive": "encoder_no_contras
             "no dual path, clipped": "encoder_no_dual_path_clipped.safetensors",
             "no codes, clipped": "encoder_no_codes_clipped.safetensors",
             "rank 2, clipped": "encoder_rank2_clipped.safetensors",
-            "rank 8, clipped": "encoder_rank8_clipped.safetensors"}
+            "rank 8, clipped": "encoder_rank8_clipped.safetensors",
+            "second tower, clipped": "encoder_vision2_clipped.safetensors",
+            "clipped, seed 1": "encoder_clipped_seed1.safetensors"}
 
 
 def _encoder_row(name: str, steps: int, encoder: str, recipe: str, generation_blend: float = 1.0,
@@ -108,6 +110,11 @@ ENCODER_ROWS = (
     *(_encoder_row(f"Tuning Encoder, rank {r}, clipped pretraining", 12, f"rank {r}, clipped", "12 steps (node "
                    f"defaults); encoder pretrained with clipped gradients at LoRA rank {r} (4 elsewhere)")
       for r in (2, 8)),
+    _encoder_row("Tuning Encoder, clipped pretraining, seed 1", 12, "clipped, seed 1", "12 steps (node defaults); "
+                 "the clipped encoder pretrained again from seed 1: how far two pretraining runs differ"),
+    _encoder_row("Tuning Encoder, second vision tower, clipped pretraining", 12, "second tower, clipped", "12 steps "
+                 "(node defaults); encoder pretrained with clipped gradients on the second toy vision tower, which "
+                 "reads shape (its own CLIP vision file)"),
     _encoder_row("Tuning Encoder, dual path at generation", 12, "full", "the prediction and 12 tuning steps (node "
                  "defaults), every image generated through Tuning Encoder Dual Path at its default α 0.8",
                  generation_blend=0.8),
