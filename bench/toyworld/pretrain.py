@@ -9,7 +9,7 @@
     # the default 1.0. With --loader bench/toyworld/pretrain.py:first_tower_models, the encoders of the first tower:
     # with --max-grad-norm 0 (made before clipping existed) the shipped weights/encoder.safetensors, whose ablations
     # add --contrastive 0, --blend 1 or --hypernetwork scales; without it weights/encoder_clipped.safetensors, and
-    # with --blend 1, --codes 0 or --rank 2 / 8 too, the other *_clipped files
+    # with --blend 1, --codes 0 or --rank 2 / 8 too, the other *_clipped files. With --seed 1: the *_seed1 files
 
 The folder holds every colour × shape pair of the world except the benchmark concepts' eight and three more kept
 for checks outside the benchmark (UNSEEN_PAIRS), at random sizes and positions, with a `captions.txt` that names

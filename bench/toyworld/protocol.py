@@ -79,7 +79,8 @@ ENCODERS = {"full": "encoder.safetensors", "no contrastive": "encoder_no_contras
             "rank 2, clipped": "encoder_rank2_clipped.safetensors",
             "rank 8, clipped": "encoder_rank8_clipped.safetensors",
             "second tower, clipped": "encoder_vision2_clipped.safetensors",
-            "clipped, seed 1": "encoder_clipped_seed1.safetensors"}
+            "clipped, seed 1": "encoder_clipped_seed1.safetensors",
+            "second tower, clipped, seed 1": "encoder_vision2_clipped_seed1.safetensors"}
 
 
 def _encoder_row(name: str, steps: int, encoder: str, recipe: str, generation_blend: float = 1.0,
@@ -115,6 +116,9 @@ ENCODER_ROWS = (
     _encoder_row("Tuning Encoder, second vision tower, clipped pretraining", 12, "second tower, clipped", "12 steps "
                  "(node defaults); encoder pretrained with clipped gradients on the second toy vision tower, which "
                  "reads shape (its own CLIP vision file)"),
+    _encoder_row("Tuning Encoder, second vision tower, clipped pretraining, seed 1", 12,
+                 "second tower, clipped, seed 1", "12 steps (node defaults); the second tower's encoder pretrained "
+                 "again from seed 1"),
     _encoder_row("Tuning Encoder, dual path at generation", 12, "full", "the prediction and 12 tuning steps (node "
                  "defaults), every image generated through Tuning Encoder Dual Path at its default α 0.8",
                  generation_blend=0.8),

@@ -194,7 +194,8 @@ def train(tower: Tower, steps: int = 600, batch_size: int = 64, seed: int = 0, l
         images, labels = renders(batch_size, seed * 100003 + scenes + step, include_benchmark_pairs=False,
                                  random_colour=random_colour)
         pooled = tokens(model, images).mean(dim=1)
-        loss = sum(w * F.cross_entropy(head(pooled), labels[:, i]) for i, (w, head) in enumerate(zip(weights, heads)))
+        loss = sum(w * F.cross_entropy(head(pooled), labels[:, i])
+                   for i, (w, head) in enumerate(zip(weights, heads, strict=True)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

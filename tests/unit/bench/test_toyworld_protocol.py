@@ -48,7 +48,8 @@ def test_each_claim_runs_against_its_own_baseline_settings():
     assert (cat.batch_size, cat.effective_learning_rate, cat.steps) == (2, pytest.approx(1e-2), 1000)
     assert (cat.options["mask_bias"], bias.options["mask_bias"]) == (0.0, 1.0)
     for claim, row, base, *_ in report.CLAIMS:
-        assert row in rows and base in rows, claim
+        named = [r for group in (row, base) for r in ((group,) if isinstance(group, str) else group)]
+        assert all(r in rows for r in named), claim
 
 
 def test_batex_keeps_the_papers_share_of_the_width():
@@ -93,6 +94,13 @@ def test_paired_differences_use_only_the_cells_both_rows_have():
     ti = _cells("TI", [4, 16])
     cat = _cells("CatVersion", [4, 16, 30], seeds=(0,))
     assert report.paired(ti + cat, "CatVersion", "TI", "identity") == (0.0, 0.0)
+
+
+def test_pooled_rows_are_averaged_per_cell_on_the_cells_all_of_them_have():
+    a, b = _cells("A", [4, 16, 28]), _cells("B", [8, 20], seeds=(0,))   # B lacks the third concept and seeds 1, 2
+    ti = _cells("TI", [0, 0, 0])
+    mean, half = report.paired(a + b + ti, ("A", "B"), "TI", "identity")
+    assert mean == pytest.approx((6 / 32 + 18 / 32) / 2) and half > 0   # the two cells both rows have, averaged
 
 
 def test_the_readme_quality_table_is_the_one_the_results_give():
