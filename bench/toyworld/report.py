@@ -43,11 +43,11 @@ Rows = str | tuple[str, ...]  # a row, or rows pooled per cell (e.g. one encoder
 def per_cell(cells: Sequence[Cell], rows: Rows, name: str) -> dict[tuple[str, int], float]:
     """`name` per (concept, seed) cell of `rows`: with several rows, their mean on the cells all of them have."""
     group = (rows,) if isinstance(rows, str) else rows
-    values: dict[tuple[str, int], list[float]] = {}
+    values: dict[tuple[str, int], dict[str, float]] = {}  # cell -> row -> value (a cell run again: the last)
     for c in cells:
         if c["row"] in group and (value := metric(c, name)) is not None:
-            values.setdefault((c["concept"], c["seed"]), []).append(value)
-    return {k: statistics.mean(v) for k, v in values.items() if len(v) == len(group)}
+            values.setdefault((c["concept"], c["seed"]), {})[c["row"]] = value
+    return {k: statistics.mean(v.values()) for k, v in values.items() if len(v) == len(group)}
 
 
 def paired(cells: Sequence[Cell], row: Rows, other: Rows, name: str) -> Interval:

@@ -58,11 +58,6 @@ class Tower:
     shape_weight: float = 1.0
 
     @property
-    def chain(self) -> tuple[tuple[Tower, float], ...]:
-        """Every run that made it, its start's first: (the tower the run belongs to, its repainted share)."""
-        return (self.start.chain if self.start else ()) + tuple((self, share) for share in self.runs)
-
-    @property
     def config(self) -> dict[str, Any]:
         """Its config for ComfyUI's CLIPVisionModelProjection."""
         return dict(hidden_act="quick_gelu", hidden_size=self.width, image_size=224, intermediate_size=4 * self.width,
@@ -351,14 +346,20 @@ class Run:
 def runs_of(tower: Tower) -> list[Run]:
     """Every run that makes `tower`, its start's first. A continued run draws scenes where the chain's last continued
     run of the same repainted share stopped, so no scene is drawn twice (a first run draws from 0)."""
+    lineage = [tower]
+    while lineage[0].start is not None:
+        lineage.insert(0, lineage[0].start)
     drawn: dict[float, int] = {}  # continued runs' scenes so far, per repainted share
-    runs, start = [], None
-    for owner, share in tower.chain:
-        scenes = 0 if start is None else 1_000_000 * (1 + int(100 * share)) + drawn.get(share, 0)
-        if start is not None:
-            drawn[share] = drawn.get(share, 0) + owner.steps
-        runs.append(Run(owner, start, share, scenes))
-        start = owner.file
+    runs: list[Run] = []
+    start: Path | None = None  # the weights the next run continues
+    for owner in lineage:
+        for share in owner.runs:
+            scenes = 0
+            if start is not None:
+                scenes = 1_000_000 * (1 + int(100 * share)) + drawn.get(share, 0)
+                drawn[share] = drawn.get(share, 0) + owner.steps
+            runs.append(Run(owner, start, share, scenes))
+            start = owner.file
     return runs
 
 
