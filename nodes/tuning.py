@@ -35,6 +35,7 @@ NODE = "Tuning Encoder"
 NO_ENCODER = "none"
 OFFSETS_MARK = "concept_forge_offsets"  # model_options key: the concept whose offsets a MODEL carries
 FEATURE_TIMESTEP = 500  # the noisy latent the UNet features come from: mid-schedule (this pack's choice)
+CAPTIONED_SAMPLES = 8   # batch_size 0 with captions (samples_per_step)
 
 
 def lora_of(concept: Concept) -> dict[str, torch.Tensor]:
@@ -94,6 +95,15 @@ def predicted(host: ComfyHost, pixels: torch.Tensor, encoder: TuningEncoder, enc
                                   [u[0] for u in p.up], [d[0] for d in p.down], options, encoder_name)
 
 
+def samples_per_step(batch_size: int, images: int, captions: str) -> int:
+    """The tuning batch: as asked, or (0) 8 when the images are captioned, else one sample per image. Toy world,
+    held-out pairs: 8 samples of a captioned reference identify it best (README); uncaptioned, they trade the
+    prompt's position and size for likeness."""
+    if batch_size:
+        return batch_size
+    return max(images, CAPTIONED_SAMPLES) if captions.strip() else images
+
+
 def load_weights(name: str) -> TuningEncoder:
     try:
         return load_encoder(folder_paths.get_full_path_or_raise(ENCODERS, name))
@@ -127,9 +137,9 @@ class TuningEncoderNode(io.ComfyNode):
                                f"needs {tuning.NO_WEIGHTS_STEPS} tuning steps, not 12."),
                 io.Int.Input("tuning_steps", default=12, min=0, max=1000, tooltip="Steps refining the prediction. "
                              "The paper uses 12 or fewer; 0 keeps the encoder's prediction as it is."),
-                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=0.0001, tooltip="Per-sample "
-                               "learning rate of the tuning steps. 0 uses this pack's default (the paper does not "
-                               "report one): 0.01 from encoder weights, 0.001 without."),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=0.0001, tooltip="Learning "
+                               "rate of each tuning step, whatever the batch size. 0 uses this pack's default (the "
+                               "paper does not report one): 0.01 from encoder weights, 0.001 without."),
                 io.Combo.Input("targets", options=list(ATTENTION_PROJECTIONS), default="attention q/k/v/out",
                                tooltip="The UNet projections that get LoRA offsets: q/k/v/out of every attention "
                                "(default), q/k/v (E4T), or the cross-attention k/v (Custom Diffusion)."),
@@ -153,6 +163,15 @@ class TuningEncoderNode(io.ComfyNode):
                 io.Float.Input("contrastive_temperature", default=tuning.Options.contrastive_temperature,
                                optional=True, min=0.01, max=1.0, step=0.01, tooltip="τ of the contrastive term: "
                                "lower sharpens it toward the nearest words (this pack's choice)."),
+                io.Int.Input("batch_size", default=0, optional=True, min=0, max=64,
+                             tooltip="Samples per tuning step, each with its own timestep and noise (the images "
+                             "repeat to fill it), averaged into one step. 0: 8 with captions (the most likeness in "
+                             "this pack's measurements), otherwise one per image; without a caption, more samples "
+                             "fold the image's layout into the concept."),
+                io.String.Input("captions", multiline=True, default="", optional=True, tooltip="What else the "
+                                "image shows, naming the concept as {} or by its name ('a photo of {} on a beach'): "
+                                "one line per image, or one for all. The tuning then need not fold the rest of the "
+                                "picture into the concept. Empty: the 'a photo of a {}' templates."),
                 io.ClipVision.Input("clip_vision", optional=True, tooltip="A CLIP vision model (CLIP Vision Loader); "
                                     "needed with encoder weights, which read the image through it."),
             ],
@@ -172,10 +191,12 @@ class TuningEncoderNode(io.ComfyNode):
                         learning_rate: float = 0.0, targets: str = "attention q/k/v/out",
                         blend: float = tuning.Options.blend, contrastive: float = tuning.Options.contrastive,
                         contrastive_k: int = tuning.Options.contrastive_k,
-                        contrastive_temperature: float = tuning.Options.contrastive_temperature) -> bool | str:
+                        contrastive_temperature: float = tuning.Options.contrastive_temperature,
+                        batch_size: int = 0, captions: str = "") -> bool | str:
         problem = schema_problem(cls, NODE, name=name, class_word=class_word, encoder=encoder,
                                  learning_rate=learning_rate, targets=targets, blend=blend, contrastive=contrastive,
-                                 contrastive_k=contrastive_k, contrastive_temperature=contrastive_temperature)
+                                 contrastive_k=contrastive_k, contrastive_temperature=contrastive_temperature,
+                                 batch_size=batch_size, captions=captions)
         if problem:
             return problem
         if name is not None and name_problem(name):  # None: linked, checked when the node runs
@@ -188,7 +209,8 @@ class TuningEncoderNode(io.ComfyNode):
     def execute(cls, model, clip, vae, image, name, class_word, encoder, tuning_steps, learning_rate, targets, rank,
                 blend, resolution, seed, contrastive=tuning.Options.contrastive,
                 contrastive_k=tuning.Options.contrastive_k,
-                contrastive_temperature=tuning.Options.contrastive_temperature, clip_vision=None) -> io.NodeOutput:
+                contrastive_temperature=tuning.Options.contrastive_temperature, batch_size=0,
+                captions="", clip_vision=None) -> io.NodeOutput:
         weights = None if encoder == NO_ENCODER else load_weights(encoder)
         rate = {} if weights is None else {"learning_rate": tuning.PRETRAINED_LEARNING_RATE}  # the default, when 0
         options = tuning.Options(rank=rank, targets=targets, blend=blend, contrastive=contrastive,
@@ -204,8 +226,11 @@ class TuningEncoderNode(io.ComfyNode):
             return predicted(host, pixels, weights, encoder, class_word, options, seed)
 
         settings = LearnSettings(name, class_word, "tuning_encoder", tuning_steps, learning_rate,
-                                 batch_size=len(image), resolution=resolution, seed=seed,
-                                 training=TrainingOptions(checkpoint_every=0), method_options=options)
+                                 batch_size=samples_per_step(int(batch_size), len(image), captions),
+                                 resolution=resolution,
+                                 prompts="captions" if captions.strip() else "object", seed=seed, captions=captions,
+                                 training=TrainingOptions(checkpoint_every=0, scale_learning_rate=False),  # per step
+                                 method_options=options)
         learned = learn(model, clip, vae, image, None, settings, cls.hidden.unique_id, cls.hidden.prompt, node=NODE,
                         build=build, clip_vision=clip_vision)
         concept = learned.concept

@@ -217,7 +217,9 @@ ONE_IMAGE_NOTE = """## One image, a dozen steps
 Tuning Encoder learns a concept from a single photo: an encoder predicts a token and LoRA offsets for the UNet,
 then 12 tuning steps refine them. Without encoder weights (encoder: none) it starts from the class word and zero
 offsets — a fast LoRA + embedding tuner. With weights pretrained by `tools/pretrain_encoder.py` (in
-models/concept_encoders), connect a CLIP Vision Loader to clip_vision.
+models/concept_encoders), connect a CLIP Vision Loader to clip_vision. Say what else the photo shows in
+captions ('a photo of {} on a sofa'): the tuning then leaves that to the prompt and takes 8 samples of the photo a
+step, which in this pack's toy world gave the most likeness and obedience (README).
 
 Use both outputs: the MODEL carries the offsets, the CLIP the token. Save Concept with export_stock_files also
 writes a stock LoRA and embedding.

@@ -207,13 +207,16 @@ def learn(scorer: Scorer, row: Row, concept: world.Concept, seed: int, steps: in
             TuningEncoderNode, **{**node_defaults(TuningEncoderNode), "model": scorer.model, "clip": scorer.clip,
                                   "vae": scorer.vae, "image": images[:1], "name": concept.name,
                                   "class_word": class_word, "resolution": world.RES, "seed": seed,
-                                  "tuning_steps": steps, **row.options, **encoder})
+                                  "tuning_steps": steps, **row.options, **encoder,
+                                  "captions": protocol.reference_captions(concept, 1)[0] if row.captioned else ""})
         return model, clip, learned
     with training_templates(row):
         learned, clip, _, _ = run_node(
             LearnConcept, model=scorer.model, clip=scorer.clip, vae=scorer.vae, images=images, name=concept.name,
             init_word=class_word, method=row.method, steps=steps, learning_rate=row.learning_rate,
-            batch_size=row.batch_size, vectors=0, resolution=world.RES, prompts="object", seed=seed,
+            batch_size=row.batch_size, vectors=0, resolution=world.RES,
+            prompts="captions" if row.captioned else "object", seed=seed,
+            captions="\n".join(protocol.reference_captions(concept)) if row.captioned else "",
             precision="fp32", gradient_checkpointing=False, method_options=method_options(row, scorer.width),
             training_options=TrainingOptions(checkpoint_every=LAST_ONLY, resume=resume))
     return scorer.model, clip, learned

@@ -69,8 +69,7 @@ def write_data(folder: Path, per_pair: int = 8, seed: int = 11) -> int:
             attrs = (colour, shape, pick.choice(world.SIZES), pick.choice(world.POSITIONS))
             name = f"{colour}_{shape}_{i}.png"
             Image.fromarray(world.render(attrs, rng)[0]).save(folder / name)
-            prompt = f"a photo of a {attrs[2]} {{}} {world.POS_PHRASE[attrs[3]]}"
-            lines.append(f"{name}\t{class_word(shape)}\t{prompt}\t{colour} {shape}")
+            lines.append(f"{name}\t{class_word(shape)}\t{world.layout_caption(*attrs[2:])}\t{colour} {shape}")
     (folder / "captions.txt").write_text("\n".join(lines) + "\n")
     return len(lines)
 

@@ -37,6 +37,7 @@ class Row:
     size_words: bool = True     # train on the template list as published (it says "small" and "large")
     curve: bool = True          # identity after every CURVE step (one run, resumed through the node)
     generation_blend: float = 1.0  # α of Tuning Encoder Dual Path while scoring (1: the node's own outputs)
+    captioned: bool = False     # tuned on its reference's caption (`reference_caption`) instead of the templates
 
     @property
     def effective_learning_rate(self) -> float:
@@ -84,9 +85,11 @@ ENCODERS = {"full": "encoder.safetensors", "no contrastive": "encoder_no_contras
 
 
 def _encoder_row(name: str, steps: int, encoder: str, recipe: str, generation_blend: float = 1.0,
-                 **options: Any) -> Row:
-    return Row(name, "tuning_encoder", steps, 0.0, recipe, batch_size=1,
-               options={"encoder": ENCODERS[encoder], **options}, curve=False, generation_blend=generation_blend)
+                 captioned: bool = False, batch_size: int = 1, **options: Any) -> Row:
+    batch = {"batch_size": batch_size} if batch_size > 1 else {}  # the node's default: one sample per image
+    return Row(name, "tuning_encoder", steps, 0.0, recipe, batch_size=batch_size,
+               options={"encoder": ENCODERS[encoder], **batch, **options}, curve=False,
+               generation_blend=generation_blend, captioned=captioned)
 
 
 ENCODER_ROWS = (
@@ -122,11 +125,24 @@ ENCODER_ROWS = (
     _encoder_row("Tuning Encoder, dual path at generation", 12, "full", "the prediction and 12 tuning steps (node "
                  "defaults), every image generated through Tuning Encoder Dual Path at its default α 0.8",
                  generation_blend=0.8),
+    _encoder_row("Tuning Encoder, captioned", 12, "full", "the prediction and 12 tuning steps of 8 samples each on "
+                 "the reference's caption ('a photo of a big {} in the center'), the recipe chosen on the held-out "
+                 "pairs (README)", captioned=True, batch_size=8),
+    _encoder_row("Tuning Encoder, captioned, 4 steps", 4, "full", "the captioned recipe stopped after 4 steps",
+                 captioned=True, batch_size=8),
+    _encoder_row("Tuning Encoder, captioned, clipped pretraining, seed 1", 12, "clipped, seed 1", "the captioned "
+                 "recipe from the encoder of another pretraining seed (its default tuning: the least likeness of "
+                 "the two seeds)", captioned=True, batch_size=8),
+    _encoder_row("Tuning Encoder, batch 8", 12, "full", "12 tuning steps of 8 samples each on the node's templates: "
+                 "the captioned recipe without its caption", batch_size=8),
 )
+# TI's recipe on the captions the captioned Tuning Encoder gets, one per reference: whether a caption alone does it
+TI_CAPTIONED = Row("TI, captioned", "ti", 400, 5e-3, "TI's recipe on the references' captions ('a photo of a big "
+                   "{} in the center') instead of the templates", curve=False, captioned=True)
 
 ROWS: dict[str, Row] = {r.name: r for r in (TI, TI_SLOW, DTI, DTI_BETA, BATEX, CATVERSION, CATVERSION_BIAS,
-                                            _no_size(TI), _no_size(DTI), _no_size(BATEX), TUNING_ENCODER,
-                                            *ENCODER_ROWS)}
+                                            _no_size(TI), _no_size(DTI), _no_size(BATEX), TI_CAPTIONED,
+                                            TUNING_ENCODER, *ENCODER_ROWS)}
 BASELINE_ROWS = ("class word", "own words")
 
 
@@ -167,12 +183,19 @@ def training_templates(row: Row) -> list[str]:
     return [t for t in OBJECT_TEMPLATES if not SIZE_WORDS & set(t.replace("{}", " ").split())]
 
 
+def reference_captions(concept: world.Concept, n: int = world.REFERENCES) -> list[str]:
+    """What a captioned row trains on: a caption per reference, as the encoder's pretraining folder captions its
+    images ("a photo of a big {} in the center")."""
+    return [world.layout_caption(*layout) for layout in world.reference_layouts(concept.name, n)]
+
+
 def contamination(row: Row, concept: world.Concept) -> set[str]:
     """Scored prompts that are also training prompts of `row` (must be empty)."""
     from concept_forge.trainers.methods import method_prompts
 
     text = phrase(row.name, concept)
-    trained = {p.replace("{}", text)
-               for p in method_prompts(row.method, training_templates(row), False, CLASS_WORD[concept.name])}
+    prompts = reference_captions(concept) if row.captioned else training_templates(row)
+    trained = {p.replace("{}", text) for p in method_prompts(row.method, prompts, row.captioned,
+                                                             CLASS_WORD[concept.name])}
     scored = {p for group in scored_prompts(text).values() for p in group}
     return trained & scored

@@ -121,8 +121,23 @@ CLAIMS: tuple[tuple[str, Rows, Rows, str, Any], ...] = (
      "Tuning Encoder", "fidelity", 1),
     ("The dual path at generation keeps the identity", "Tuning Encoder, dual path at generation", "Tuning Encoder",
      "identity", "kept"),
+    ("Captioned, from one image in 12 steps, the Tuning Encoder keeps TI's identity (TI: four images, 400 steps)",
+     "Tuning Encoder, captioned", "TI", "identity", "kept"),
+    ("Captioned, its prompt fidelity is not below TI's", "Tuning Encoder, captioned", "TI", "fidelity", "kept"),
+    ("Captioned, in 4 steps, it keeps TI's identity", "Tuning Encoder, captioned, 4 steps", "TI", "identity", "kept"),
+    ("Captioned, it keeps the identity of TI trained on the same captions", "Tuning Encoder, captioned",
+     "TI, captioned", "identity", "kept"),
+    ("The caption helps the tuning (identity × fidelity, 8 samples a step)", "Tuning Encoder, captioned",
+     "Tuning Encoder, batch 8", "product", 1),
+    ("The captioned recipe beats the default tuning (identity)", "Tuning Encoder, captioned", "Tuning Encoder",
+     "identity", 1),
+    ("The captioned recipe beats the default tuning from another pretraining seed (identity)",
+     "Tuning Encoder, captioned, clipped pretraining, seed 1", "Tuning Encoder, clipped pretraining, seed 1",
+     "identity", 1),
 )
-SPEEDUPS = (("Tuning Encoder", "TI"), ("Tuning Encoder, 4 steps", "TI"))  # (row, against): wall time per concept
+# (row, against): wall time per concept; TI, captioned ran in the same session as the captioned rows
+SPEEDUPS = (("Tuning Encoder", "TI"), ("Tuning Encoder, 4 steps", "TI"), ("Tuning Encoder, captioned", "TI"),
+            ("Tuning Encoder, captioned, 4 steps", "TI"), ("Tuning Encoder, captioned", "TI, captioned"))
 
 
 def judge_claims(cells: Sequence[Cell]) -> list[dict[str, Any]]:

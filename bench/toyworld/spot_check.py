@@ -35,6 +35,10 @@ IMAGES = 16
 RESULT = benchmark.ROOT / "bench" / "results" / "toyworld_spot_check.json"
 
 
+# The reference as the pretraining folder captions its images (bench/toyworld/pretrain.py): its size and position
+REFERENCE_CAPTION = world.layout_caption("big", "center")
+
+
 def reference(colour: str, shape: str, seed: int) -> torch.Tensor:
     """One big, centred reference [1, RES, RES, 3] in 0..1."""
     image = world.render((colour, shape, "big", "center"), np.random.default_rng(seed))[0]
@@ -83,13 +87,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[0, 12])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--learning-rate", type=float, default=0.0, help="tuning rate per sample (0: the node's)")
+    parser.add_argument("--learning-rate", type=float, default=0.0, help="tuning rate per step (0: the node's)")
     parser.add_argument("--encoder", type=Path, default=benchmark.WEIGHTS / protocol.ENCODERS["full"],
                         help="encoder weights (default: the shipped toy-world encoder)")
     parser.add_argument("--blend", type=float, default=0.8, help="α of the dual path while tuning (the node's)")
     parser.add_argument("--contrastive", type=float, default=0.01, help="the contrastive term's weight (the node's)")
     parser.add_argument("--contrastive-k", type=int, default=3, help="the contrastive term's positives (the node's)")
     parser.add_argument("--contrastive-temperature", type=float, default=0.07, help="its τ (the node's)")
+    parser.add_argument("--batch-size", type=int, default=0, help="samples per tuning step (0: the node's, one "
+                        "per image)")
+    parser.add_argument("--caption", action="store_true", help="tune with the reference's caption, as pretraining "
+                        "captions its images ('a photo of a big {} in the center'), not the node's templates")
     parser.add_argument("--generation-blend", type=float, nargs="+", default=[1.0], help="α of Tuning Encoder "
                         "Dual Path at generation (1: the Tuning Encoder's model, no dual path)")
     parser.add_argument("--out", type=Path, default=RESULT)
@@ -105,7 +113,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         folder_paths.filename_list_cache.clear()
     tuning = {"encoder": opts.encoder.name, "learning_rate": opts.learning_rate, "blend": opts.blend,
               "contrastive": opts.contrastive, "contrastive_k": opts.contrastive_k,
-              "contrastive_temperature": opts.contrastive_temperature}
+              "contrastive_temperature": opts.contrastive_temperature,
+              "batch_size": opts.batch_size,
+              "captions": REFERENCE_CAPTION if opts.caption else ""}
     rows = [row for colour, shape in sorted(UNSEEN_PAIRS) for steps in opts.steps
             for row in check(scorer, colour, shape, steps, opts.seed, tuning, opts.generation_blend)]
     opts.out.write_text(json.dumps(rows, indent=1) + "\n")

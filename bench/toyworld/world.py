@@ -87,6 +87,7 @@ CONCEPTS = {c.name: c for c in (
     Concept("redtriangle", "red", "triangle", "varied references", varied=True),  # held-out pair
 )}
 REFERENCE_SEED = 1234
+REFERENCES = 4  # images per concept that methods learn from
 VARIED_REFERENCES = (("big", "center"), ("small", "left"), ("big", "top"), ("small", "right"))
 
 Attrs = tuple[str, str, str, str]   # (colour, shape, size, position)
@@ -207,13 +208,23 @@ def make_images(n: int, seed: int, training_only: bool) -> tuple[np.ndarray, np.
     return images, masks, np.array([labels_of(a) for a in attrs], np.int64), attrs
 
 
-def concept_references(name: str, n: int = 4, seed: int = REFERENCE_SEED) -> np.ndarray:
-    """The concept's reference images [n, RES, RES, 3] uint8: all big and in the centre, or (a varied concept)
-    cycling through VARIED_REFERENCES."""
-    c = CONCEPTS[name]
-    rng = np.random.default_rng(seed)
-    layouts = [VARIED_REFERENCES[i % len(VARIED_REFERENCES)] if c.varied else ("big", "center") for i in range(n)]
-    return np.stack([render((c.colour, c.shape, size, position), rng)[0] for size, position in layouts])
+def reference_layouts(name: str, n: int = REFERENCES) -> list[tuple[str, str]]:
+    """(size, position) of the concept's references: all big and in the centre, or (a varied concept) cycling
+    through VARIED_REFERENCES."""
+    varied = CONCEPTS[name].varied
+    return [VARIED_REFERENCES[i % len(VARIED_REFERENCES)] if varied else ("big", "center") for i in range(n)]
+
+
+def concept_references(name: str, n: int = REFERENCES, seed: int = REFERENCE_SEED) -> np.ndarray:
+    """The concept's reference images [n, RES, RES, 3] uint8, laid out as `reference_layouts` says."""
+    c, rng = CONCEPTS[name], np.random.default_rng(seed)
+    return np.stack([render((c.colour, c.shape, size, position), rng)[0]
+                     for size, position in reference_layouts(name, n)])
+
+
+def layout_caption(size: str, position: str) -> str:
+    """What an image shows besides its object, with {} for the object: "a photo of a big {} in the center"."""
+    return prompt(shape="{}", size=size, position=position)
 
 
 # -- evaluation suites --------------------------------------------------------------------------------------------

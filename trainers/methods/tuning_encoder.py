@@ -24,7 +24,7 @@ from .base import init_vectors
 # Steps the tuner needs without encoder weights: TI's order (toy world: 12 steps reach identity 0.09 where TI's 400
 # reach 0.75; counts between were not measured)
 NO_WEIGHTS_STEPS = "hundreds of"
-# The tuning rate per sample from a pretrained encoder's prediction, chosen on the toy world's pairs kept out of both
+# The tuning rate per step from a pretrained encoder's prediction, chosen on the toy world's pairs kept out of both
 # pretraining and the benchmark (bench/toyworld/spot_check.py, 12 steps, 144 images): identity 0.55 / 0.62 / 0.72
 # and "small" obeyed 0.99 / 0.90 / 0.83 at 1e-3 / 3e-3 / 1e-2. Options.learning_rate stays the no-weights default.
 PRETRAINED_LEARNING_RATE = 1e-2
@@ -33,7 +33,7 @@ Targets = Literal["attention q/k/v/out", "attention q/k/v", "cross-attention k/v
 
 @dataclass(frozen=True)
 class Options:
-    learning_rate: float = 1e-3   # per sample, without encoder weights (the paper's tuning lr is not reported)
+    learning_rate: float = 1e-3   # per step, without encoder weights (the paper's tuning lr is not reported)
     steps: int = 12               # "12 or fewer training steps" (DATE, Fig. 1)
     flip_p: float = 0.0           # one image: its flip would be a second concept view the paper does not use
     rank: int = 4                 # LoRA rank without encoder weights (with them, the encoder's rank)

@@ -89,6 +89,18 @@ def test_the_exported_lora_loaded_by_the_stock_loader_reproduces_the_nodes_model
     assert torch.allclose(encode(stock_clip, "a photo of embedding:pup"), cond, atol=1e-5)
 
 
+def test_one_image_fills_a_larger_batch_with_draws_of_itself():
+    one = run_node(TuningEncoderNode, **tuning_inputs(tuning_steps=2)).args[2]
+    three = run_node(TuningEncoderNode, **tuning_inputs(tuning_steps=2, batch_size=3)).args[2]
+    assert (one.provenance["batch_size"], one.provenance["learning_rate"]) == (1, 1e-3)  # 0: one sample per image
+    assert (three.provenance["batch_size"], three.provenance["learning_rate"]) == (3, 1e-3)  # a rate per step
+    assert not torch.equal(one.vectors["l"], three.vectors["l"])
+    captioned = run_node(TuningEncoderNode, **tuning_inputs(tuning_steps=1, captions="a photo of {} on grass")).args[2]
+    assert captioned.provenance["batch_size"] == 8 and captioned.provenance["prompts"] == "captions"
+    refusal = TuningEncoderNode.validate_inputs(batch_size=65)
+    assert refusal == "Tuning Encoder: batch_size is 65, outside its range 0 to 64."
+
+
 def test_an_encoder_predicts_the_start_and_a_mismatched_one_is_refused(model_folders, tmp_path):
     vision = tc.tiny_clip_vision(str(tmp_path))
     model, clip, vae = tc.tiny_model("sd1"), tc.tiny_clip("sd1"), tc.tiny_vae()

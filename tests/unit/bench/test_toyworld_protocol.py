@@ -29,6 +29,16 @@ def test_the_check_would_see_the_old_size_prompt():
         t.replace("{}", text) for t in protocol.training_templates(protocol.TI)}
 
 
+def test_captioned_rows_train_on_their_references_captions_and_the_check_sees_them(monkeypatch):
+    varied = next(c for c in world.CONCEPTS.values() if c.varied)
+    assert protocol.reference_captions(varied) == [
+        "a photo of a big {} in the center", "a photo of a small {} on the left", "a photo of a big {} at the top",
+        "a photo of a small {} on the right"]  # as the encoder's pretraining folder captions its images
+    assert protocol.ROWS["Tuning Encoder, captioned"].captioned and protocol.ROWS["TI, captioned"].captioned
+    monkeypatch.setattr(world, "layout_caption", lambda size, position: "a {}")  # a caption that is scored
+    assert protocol.contamination(protocol.ROWS["TI, captioned"], varied) == {f"a embedding:{varied.name}"}
+
+
 def test_the_size_word_ablation_only_drops_templates_that_name_a_size():
     published = protocol.training_templates(protocol.TI)
     ablated = protocol.training_templates(protocol.ROWS["TI, no size words"])
