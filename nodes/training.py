@@ -54,7 +54,7 @@ class LearnSettings:
     init_word: str
     method: str = "ti"
     steps: int | None = None        # None: the method's default; 0: none (the starting point as it is)
-    learning_rate: float = 0.0      # 0: the method's default, per sample
+    learning_rate: float = 0.0      # 0: the method's default; per sample unless scale_learning_rate is off
     batch_size: int = 4
     vectors: int = 0                # 0: one per token of the init word
     resolution: int = 0             # 0: the model's native resolution

@@ -13,6 +13,7 @@ from comfy_api.v0_0_2 import io
 from ..trainers.concept import Concept, name_problem
 from ..trainers.methods import tuning_encoder as tuning
 from ..trainers.methods.base import init_vectors
+from ..trainers.templates import caption_prompts
 from ..trainers.tuning_encoder import (
     EncoderConfig,
     TuningEncoder,
@@ -35,7 +36,7 @@ NODE = "Tuning Encoder"
 NO_ENCODER = "none"
 OFFSETS_MARK = "concept_forge_offsets"  # model_options key: the concept whose offsets a MODEL carries
 FEATURE_TIMESTEP = 500  # the noisy latent the UNet features come from: mid-schedule (this pack's choice)
-CAPTIONED_SAMPLES = 8   # batch_size 0 with captions (samples_per_step)
+CAPTIONED_SAMPLES = 8   # batch_size 0 with captions (passes_per_step)
 
 
 def lora_of(concept: Concept) -> dict[str, torch.Tensor]:
@@ -95,13 +96,14 @@ def predicted(host: ComfyHost, pixels: torch.Tensor, encoder: TuningEncoder, enc
                                   [u[0] for u in p.up], [d[0] for d in p.down], options, encoder_name)
 
 
-def samples_per_step(batch_size: int, images: int, captions: str) -> int:
-    """The tuning batch: as asked, or (0) 8 when the images are captioned, else one sample per image. Toy world,
-    held-out pairs: 8 samples of a captioned reference identify it best (README); uncaptioned, they trade the
-    prompt's position and size for likeness."""
-    if batch_size:
-        return batch_size
-    return max(images, CAPTIONED_SAMPLES) if captions.strip() else images
+def passes_per_step(batch_size: int, images: int, captions: str) -> tuple[int, int]:
+    """(samples per pass, passes) of one tuning step: `batch_size` samples, or (0) 8 when the images are captioned
+    and one per image otherwise, run as passes over the images whose gradients are averaged, so that memory stays
+    that of one image set. Toy world, held-out pairs: 8 samples of a captioned reference identify it best (README);
+    uncaptioned, they trade the prompt's position and size for likeness."""
+    samples = batch_size or (max(images, CAPTIONED_SAMPLES) if captions.strip() else images)
+    per_pass = min(samples, images)
+    return per_pass, -(-samples // per_pass)
 
 
 def load_weights(name: str) -> TuningEncoder:
@@ -164,10 +166,10 @@ class TuningEncoderNode(io.ComfyNode):
                                optional=True, min=0.01, max=1.0, step=0.01, tooltip="τ of the contrastive term: "
                                "lower sharpens it toward the nearest words (this pack's choice)."),
                 io.Int.Input("batch_size", default=0, optional=True, min=0, max=64,
-                             tooltip="Samples per tuning step, each with its own timestep and noise (the images "
-                             "repeat to fill it), averaged into one step. 0: 8 with captions (the most likeness in "
-                             "this pack's measurements), otherwise one per image; without a caption, more samples "
-                             "fold the image's layout into the concept."),
+                             tooltip="Samples per tuning step, each with its own timestep and noise, run as "
+                             "passes over the images (memory of one pass) and averaged into one step. 0: 8 with "
+                             "captions (the most likeness in this pack's measurements), otherwise one per image; "
+                             "without a caption, more samples fold the image's layout into the concept."),
                 io.String.Input("captions", multiline=True, default="", optional=True, tooltip="What else the "
                                 "image shows, naming the concept as {} or by its name ('a photo of {} on a beach'): "
                                 "one line per image, or one for all. The tuning then need not fold the rest of the "
@@ -193,16 +195,21 @@ class TuningEncoderNode(io.ComfyNode):
                         contrastive_k: int = tuning.Options.contrastive_k,
                         contrastive_temperature: float = tuning.Options.contrastive_temperature,
                         batch_size: int = 0, captions: str = "") -> bool | str:
-        problem = schema_problem(cls, NODE, name=name, class_word=class_word, encoder=encoder,
-                                 learning_rate=learning_rate, targets=targets, blend=blend, contrastive=contrastive,
-                                 contrastive_k=contrastive_k, contrastive_temperature=contrastive_temperature,
-                                 batch_size=batch_size, captions=captions)
-        if problem:
+        sent = dict(name=name, class_word=class_word, encoder=encoder, learning_rate=learning_rate, targets=targets,
+                    blend=blend, contrastive=contrastive, contrastive_k=contrastive_k,
+                    contrastive_temperature=contrastive_temperature, batch_size=batch_size, captions=captions)
+        problem = schema_problem(cls, NODE, **{k: v for k, v in sent.items() if v is not None})  # None: linked,
+        if problem:                                                                             # checked in execute
             return problem
-        if name is not None and name_problem(name):  # None: linked, checked when the node runs
+        if name is not None and name_problem(name):
             return f"{NODE}: {name_problem(name)}."
         if class_word is not None and not class_word.strip():
             return f"{NODE}: class_word is empty; give the concept's class, e.g. 'dog'."
+        if name is not None and captions is not None and captions.strip():
+            try:  # the image count is not known yet: one line or several, each must name the concept
+                caption_prompts(captions, name, sum(1 for line in captions.splitlines() if line.strip()))
+            except ValueError as e:
+                return f"{NODE}: {e}"
         return True
 
     @classmethod
@@ -225,12 +232,12 @@ class TuningEncoderNode(io.ComfyNode):
                 return tuning.build(host, class_word, 0, options, seed)
             return predicted(host, pixels, weights, encoder, class_word, options, seed)
 
-        settings = LearnSettings(name, class_word, "tuning_encoder", tuning_steps, learning_rate,
-                                 batch_size=samples_per_step(int(batch_size), len(image), captions),
-                                 resolution=resolution,
-                                 prompts="captions" if captions.strip() else "object", seed=seed, captions=captions,
-                                 training=TrainingOptions(checkpoint_every=0, scale_learning_rate=False),  # per step
-                                 method_options=options)
+        per_pass, passes = passes_per_step(int(batch_size), len(image), captions)
+        settings = LearnSettings(name, class_word, "tuning_encoder", tuning_steps, learning_rate, batch_size=per_pass,
+                                 resolution=resolution, prompts="captions" if captions.strip() else "object",
+                                 seed=seed, captions=captions, method_options=options,
+                                 training=TrainingOptions(gradient_accumulation=passes, checkpoint_every=0,
+                                                          scale_learning_rate=False))  # a rate per step
         learned = learn(model, clip, vae, image, None, settings, cls.hidden.unique_id, cls.hidden.prompt, node=NODE,
                         build=build, clip_vision=clip_vision)
         concept = learned.concept

@@ -46,7 +46,8 @@ def caption_prompts(captions: str, name: str, num_images: int) -> list[str]:
     """
     lines = [line.strip() for line in captions.strip().splitlines() if line.strip()]
     if len(lines) not in (1, num_images):
-        raise ValueError(f"captions: got {len(lines)} lines for {num_images} images; write one line per image "
+        images = f"{num_images} image{'s' * (num_images != 1)}"
+        raise ValueError(f"captions: got {len(lines)} lines for {images}; write one line per image "
                          "(in batch order) or a single line for all.")
     word = re.compile(rf"(?<![\w.\-]){re.escape(name)}(?![\w\-])")
     prompts = []

@@ -25,7 +25,7 @@ GROUP_SEEDS = {"identity": 7000, "position": 7100, "size": 7200, "colour": 7300}
 @dataclass(frozen=True)
 class Row:
     """One method at one recipe. Learning rates are per sample: the node multiplies by the batch, as each method's
-    official code does (`scale_lr`)."""
+    official code does (`scale_lr`); the Tuning Encoder's are per step, and its batch is samples per step."""
 
     name: str
     method: str
@@ -85,11 +85,13 @@ ENCODERS = {"full": "encoder.safetensors", "no contrastive": "encoder_no_contras
 
 
 def _encoder_row(name: str, steps: int, encoder: str, recipe: str, generation_blend: float = 1.0,
-                 captioned: bool = False, batch_size: int = 1, **options: Any) -> Row:
-    batch = {"batch_size": batch_size} if batch_size > 1 else {}  # the node's default: one sample per image
-    return Row(name, "tuning_encoder", steps, 0.0, recipe, batch_size=batch_size,
-               options={"encoder": ENCODERS[encoder], **batch, **options}, curve=False,
-               generation_blend=generation_blend, captioned=captioned)
+                 captioned: bool = False, **options: Any) -> Row:
+    """A row through the Tuning Encoder node; `options` are its inputs (batch_size 0, the node's: 8 samples a step
+    when captioned, else one)."""
+    samples = options.get("batch_size") or (8 if captioned else 1)
+    return Row(name, "tuning_encoder", steps, 0.0, recipe, batch_size=samples,
+               options={"encoder": ENCODERS[encoder], **options}, curve=False, generation_blend=generation_blend,
+               captioned=captioned)
 
 
 ENCODER_ROWS = (
@@ -125,14 +127,14 @@ ENCODER_ROWS = (
     _encoder_row("Tuning Encoder, dual path at generation", 12, "full", "the prediction and 12 tuning steps (node "
                  "defaults), every image generated through Tuning Encoder Dual Path at its default α 0.8",
                  generation_blend=0.8),
-    _encoder_row("Tuning Encoder, captioned", 12, "full", "the prediction and 12 tuning steps of 8 samples each on "
-                 "the reference's caption ('a photo of a big {} in the center'), the recipe chosen on the held-out "
-                 "pairs (README)", captioned=True, batch_size=8),
+    _encoder_row("Tuning Encoder, captioned", 12, "full", "the prediction and 12 tuning steps on the reference's "
+                 "caption ('a photo of a big {} in the center') at the node's defaults for a caption (8 samples a "
+                 "step), the recipe chosen on the held-out pairs (README)", captioned=True),
     _encoder_row("Tuning Encoder, captioned, 4 steps", 4, "full", "the captioned recipe stopped after 4 steps",
-                 captioned=True, batch_size=8),
+                 captioned=True),
     _encoder_row("Tuning Encoder, captioned, clipped pretraining, seed 1", 12, "clipped, seed 1", "the captioned "
                  "recipe from the encoder of another pretraining seed (its default tuning: the least likeness of "
-                 "the two seeds)", captioned=True, batch_size=8),
+                 "the two seeds)", captioned=True),
     _encoder_row("Tuning Encoder, batch 8", 12, "full", "12 tuning steps of 8 samples each on the node's templates: "
                  "the captioned recipe without its caption", batch_size=8),
 )

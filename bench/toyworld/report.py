@@ -127,6 +127,8 @@ CLAIMS: tuple[tuple[str, Rows, Rows, str, Any], ...] = (
     ("Captioned, in 4 steps, it keeps TI's identity", "Tuning Encoder, captioned, 4 steps", "TI", "identity", "kept"),
     ("Captioned, it keeps the identity of TI trained on the same captions", "Tuning Encoder, captioned",
      "TI, captioned", "identity", "kept"),
+    ("Captioned, it follows the prompt better than TI trained on the same captions (fidelity)",
+     "Tuning Encoder, captioned", "TI, captioned", "fidelity", 1),
     ("The caption helps the tuning (identity × fidelity, 8 samples a step)", "Tuning Encoder, captioned",
      "Tuning Encoder, batch 8", "product", 1),
     ("The captioned recipe beats the default tuning (identity)", "Tuning Encoder, captioned", "Tuning Encoder",

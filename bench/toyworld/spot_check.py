@@ -94,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--contrastive", type=float, default=0.01, help="the contrastive term's weight (the node's)")
     parser.add_argument("--contrastive-k", type=int, default=3, help="the contrastive term's positives (the node's)")
     parser.add_argument("--contrastive-temperature", type=float, default=0.07, help="its τ (the node's)")
-    parser.add_argument("--batch-size", type=int, default=0, help="samples per tuning step (0: the node's, one "
-                        "per image)")
+    parser.add_argument("--batch-size", type=int, default=0, help="samples per tuning step (0: the node's, 8 "
+                        "with --caption, else one)")
     parser.add_argument("--caption", action="store_true", help="tune with the reference's caption, as pretraining "
                         "captions its images ('a photo of a big {} in the center'), not the node's templates")
     parser.add_argument("--generation-blend", type=float, nargs="+", default=[1.0], help="α of Tuning Encoder "

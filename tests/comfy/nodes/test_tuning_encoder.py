@@ -89,16 +89,30 @@ def test_the_exported_lora_loaded_by_the_stock_loader_reproduces_the_nodes_model
     assert torch.allclose(encode(stock_clip, "a photo of embedding:pup"), cond, atol=1e-5)
 
 
-def test_one_image_fills_a_larger_batch_with_draws_of_itself():
+def record(concept):
+    return tuple(concept.provenance[k] for k in ("batch_size", "gradient_accumulation", "learning_rate"))
+
+
+def test_samples_per_step_are_passes_over_the_images_at_one_rate_per_step():
     one = run_node(TuningEncoderNode, **tuning_inputs(tuning_steps=2)).args[2]
     three = run_node(TuningEncoderNode, **tuning_inputs(tuning_steps=2, batch_size=3)).args[2]
-    assert (one.provenance["batch_size"], one.provenance["learning_rate"]) == (1, 1e-3)  # 0: one sample per image
-    assert (three.provenance["batch_size"], three.provenance["learning_rate"]) == (3, 1e-3)  # a rate per step
+    assert record(one) == (1, 1, 1e-3)    # 0: one sample per image
+    assert record(three) == (1, 3, 1e-3)  # one image: three passes of one sample, the memory of one, the same rate
     assert not torch.equal(one.vectors["l"], three.vectors["l"])
     captioned = run_node(TuningEncoderNode, **tuning_inputs(tuning_steps=1, captions="a photo of {} on grass")).args[2]
-    assert captioned.provenance["batch_size"] == 8 and captioned.provenance["prompts"] == "captions"
-    refusal = TuningEncoderNode.validate_inputs(batch_size=65)
-    assert refusal == "Tuning Encoder: batch_size is 65, outside its range 0 to 64."
+    assert record(captioned)[:2] == (1, 8) and captioned.provenance["prompts"] == "captions"
+    pair = run_node(TuningEncoderNode, **tuning_inputs(tuning_steps=1, image=tc.tiny_images(2), batch_size=3)).args[2]
+    assert record(pair)[:2] == (2, 2)     # whole passes over the two images: 4 samples
+
+
+def test_the_new_inputs_are_checked_before_the_run_and_may_be_linked():
+    check = TuningEncoderNode.validate_inputs
+    assert check(batch_size=65) == "Tuning Encoder: batch_size is 65, outside its range 0 to 64."
+    assert check(captions=None, batch_size=None, name=None, class_word=None) is True  # linked: known at run time
+    assert check(name="pup", captions="a photo of a dog") == (
+        "Tuning Encoder: captions: line 1 ('a photo of a dog') mentions neither {} nor 'pup', so the concept would "
+        "learn nothing from it.")
+    assert check(name="pup", captions="a photo of pup\n\na {} on grass") is True
 
 
 def test_an_encoder_predicts_the_start_and_a_mismatched_one_is_refused(model_folders, tmp_path):
