@@ -37,7 +37,7 @@ class Row:
     size_words: bool = True     # train on the template list as published (it says "small" and "large")
     curve: bool = True          # identity after every CURVE step (one run, resumed through the node)
     generation_blend: float = 1.0  # α of Tuning Encoder Dual Path while scoring (1: the node's own outputs)
-    captioned: bool = False     # tuned on its reference's caption (`reference_caption`) instead of the templates
+    captioned: bool = False     # tuned on its reference's caption (`reference_captions`) instead of the templates
 
     @property
     def effective_learning_rate(self) -> float:

@@ -36,12 +36,12 @@ RESULT = benchmark.ROOT / "bench" / "results" / "toyworld_spot_check.json"
 
 
 # The reference as the pretraining folder captions its images (bench/toyworld/pretrain.py): its size and position
-REFERENCE_CAPTION = world.layout_caption("big", "center")
+REFERENCE_CAPTION = world.layout_caption(*world.CENTRED_LAYOUT)
 
 
 def reference(colour: str, shape: str, seed: int) -> torch.Tensor:
     """One big, centred reference [1, RES, RES, 3] in 0..1."""
-    image = world.render((colour, shape, "big", "center"), np.random.default_rng(seed))[0]
+    image = world.render((colour, shape, *world.CENTRED_LAYOUT), np.random.default_rng(seed))[0]
     return torch.from_numpy(image[None]).float() / 255
 
 

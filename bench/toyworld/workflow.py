@@ -34,7 +34,6 @@ CHECKPOINT = "toyworld.safetensors"
 ENCODER_FILE = Path(__file__).resolve().parent / "weights" / "encoder.safetensors"
 ENCODER = "toyworld_encoder.safetensors"
 REFERENCE = "toyworld_reference.png"
-REFERENCE_LAYOUT = ("big", "center")  # the reference's size and position, which its caption says
 
 
 def toy_prompt(pair: tuple[str, str], class_word: str, text: str, steps: int) -> dict[str, Any]:
@@ -62,7 +61,7 @@ def toy_prompt(pair: tuple[str, str], class_word: str, text: str, steps: int) ->
     name = f"toy_{'_'.join(pair)}"
     encoder = prompt[ids["ConceptForgeTuningEncoder"]]["inputs"]
     encoder.update(clip_vision=[vision_id, 0], encoder=ENCODER, name=name, class_word=class_word,
-                   tuning_steps=steps, resolution=64, captions=world.layout_caption(*REFERENCE_LAYOUT))
+                   tuning_steps=steps, resolution=64, captions=world.layout_caption(*world.CENTRED_LAYOUT))
     prompt[ids["CheckpointLoaderSimple"]]["inputs"]["ckpt_name"] = CHECKPOINT
     prompt[ids["LoadImage"]]["inputs"]["image"] = REFERENCE
     prompt[ids["ConceptForgeSaveConcept"]]["inputs"]["overwrite"] = True
@@ -102,7 +101,7 @@ def install(base: Path, pair: tuple[str, str]) -> None:
     encoders.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ENCODER_FILE, encoders / ENCODER)
     colour, shape = pair
-    image = world.render((colour, shape, *REFERENCE_LAYOUT), np.random.default_rng(world.REFERENCE_SEED))[0]
+    image = world.render((colour, shape, *world.CENTRED_LAYOUT), np.random.default_rng(world.REFERENCE_SEED))[0]
     Image.fromarray(image).save(Path(folder_paths.get_input_directory()) / REFERENCE)
 
 

@@ -88,6 +88,7 @@ CONCEPTS = {c.name: c for c in (
 )}
 REFERENCE_SEED = 1234
 REFERENCES = 4  # images per concept that methods learn from
+CENTRED_LAYOUT = ("big", "center")  # (size, position) of a reference that is not varied
 VARIED_REFERENCES = (("big", "center"), ("small", "left"), ("big", "top"), ("small", "right"))
 
 Attrs = tuple[str, str, str, str]   # (colour, shape, size, position)
@@ -212,7 +213,7 @@ def reference_layouts(name: str, n: int = REFERENCES) -> list[tuple[str, str]]:
     """(size, position) of the concept's references: all big and in the centre, or (a varied concept) cycling
     through VARIED_REFERENCES."""
     varied = CONCEPTS[name].varied
-    return [VARIED_REFERENCES[i % len(VARIED_REFERENCES)] if varied else ("big", "center") for i in range(n)]
+    return [VARIED_REFERENCES[i % len(VARIED_REFERENCES)] if varied else CENTRED_LAYOUT for i in range(n)]
 
 
 def concept_references(name: str, n: int = REFERENCES, seed: int = REFERENCE_SEED) -> np.ndarray:
