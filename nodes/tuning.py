@@ -36,7 +36,6 @@ NODE = "Tuning Encoder"
 NO_ENCODER = "none"
 OFFSETS_MARK = "concept_forge_offsets"  # model_options key: the concept whose offsets a MODEL carries
 FEATURE_TIMESTEP = 500  # the noisy latent the UNet features come from: mid-schedule (this pack's choice)
-CAPTIONED_SAMPLES = 8   # batch_size 0 with captions (passes_per_step)
 
 
 def lora_of(concept: Concept) -> dict[str, torch.Tensor]:
@@ -94,16 +93,6 @@ def predicted(host: ComfyHost, pixels: torch.Tensor, encoder: TuningEncoder, enc
     embeddings = {k: e[0] for k, e in p.embeddings.items()}
     return tuning.TunedPrediction(host, class_word.strip(), class_embeddings, embeddings, encoder.config.targets,
                                   [u[0] for u in p.up], [d[0] for d in p.down], options, encoder_name)
-
-
-def passes_per_step(batch_size: int, images: int, captions: str) -> tuple[int, int]:
-    """(samples per pass, passes) of one tuning step: `batch_size` samples, or (0) 8 when the images are captioned
-    and one per image otherwise, run as passes over the images whose gradients are averaged, so that memory stays
-    that of one image set. Toy world, held-out pairs: 8 samples of a captioned reference identify it best (README);
-    uncaptioned, they trade the prompt's position and size for likeness."""
-    samples = batch_size or (max(images, CAPTIONED_SAMPLES) if captions.strip() else images)
-    per_pass = min(samples, images)
-    return per_pass, -(-samples // per_pass)
 
 
 def load_weights(name: str) -> TuningEncoder:
@@ -232,7 +221,8 @@ class TuningEncoderNode(io.ComfyNode):
                 return tuning.build(host, class_word, 0, options, seed)
             return predicted(host, pixels, weights, encoder, class_word, options, seed)
 
-        per_pass, passes = passes_per_step(int(batch_size), len(image), captions)
+        samples = tuning.samples_per_step(int(batch_size), len(image), bool(captions.strip()))
+        per_pass, passes = tuning.passes_per_step(samples, len(image))
         settings = LearnSettings(name, class_word, "tuning_encoder", tuning_steps, learning_rate, batch_size=per_pass,
                                  resolution=resolution, prompts="captions" if captions.strip() else "object",
                                  seed=seed, captions=captions, method_options=options,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from concept_forge.trainers.methods.tuning_encoder import samples_per_step
+
 from . import world
 
 CURVE = (25, 50, 100, 200, 400, 1000)   # identity is scored after this many steps of every curve row
@@ -86,10 +88,10 @@ ENCODERS = {"full": "encoder.safetensors", "no contrastive": "encoder_no_contras
 
 def _encoder_row(name: str, steps: int, encoder: str, recipe: str, generation_blend: float = 1.0,
                  captioned: bool = False, **options: Any) -> Row:
-    """A row through the Tuning Encoder node; `options` are its inputs (batch_size 0, the node's: 8 samples a step
-    when captioned, else one)."""
-    samples = options.get("batch_size") or (8 if captioned else 1)
-    return Row(name, "tuning_encoder", steps, 0.0, recipe, batch_size=samples,
+    """A row through the Tuning Encoder node from one reference; `options` are its inputs (batch_size 0: the node's
+    samples a step)."""
+    return Row(name, "tuning_encoder", steps, 0.0, recipe, batch_size=samples_per_step(options.get("batch_size", 0),
+                                                                                          1, captioned),
                options={"encoder": ENCODERS[encoder], **options}, curve=False, generation_blend=generation_blend,
                captioned=captioned)
 

@@ -96,8 +96,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--contrastive-temperature", type=float, default=0.07, help="its τ (the node's)")
     parser.add_argument("--batch-size", type=int, default=0, help="samples per tuning step (0: the node's, 8 "
                         "with --caption, else one)")
-    parser.add_argument("--caption", action="store_true", help="tune with the reference's caption, as pretraining "
-                        "captions its images ('a photo of a big {} in the center'), not the node's templates")
+    parser.add_argument("--caption", nargs="?", const=REFERENCE_CAPTION, default="", help="tune with this caption "
+                        "of the reference ({} marks the concept), not the node's templates; alone: the reference's "
+                        "caption as pretraining captions its images ('a photo of a big {} in the center')")
     parser.add_argument("--generation-blend", type=float, nargs="+", default=[1.0], help="α of Tuning Encoder "
                         "Dual Path at generation (1: the Tuning Encoder's model, no dual path)")
     parser.add_argument("--out", type=Path, default=RESULT)
@@ -115,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               "contrastive": opts.contrastive, "contrastive_k": opts.contrastive_k,
               "contrastive_temperature": opts.contrastive_temperature,
               "batch_size": opts.batch_size,
-              "captions": REFERENCE_CAPTION if opts.caption else ""}
+              "captions": opts.caption}
     rows = [row for colour, shape in sorted(UNSEEN_PAIRS) for steps in opts.steps
             for row in check(scorer, colour, shape, steps, opts.seed, tuning, opts.generation_blend)]
     opts.out.write_text(json.dumps(rows, indent=1) + "\n")

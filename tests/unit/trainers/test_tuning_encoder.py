@@ -144,6 +144,20 @@ def test_tuning_adds_the_contrastive_term_per_embedding_row_and_zero_turns_it_of
     assert float(expected) != pytest.approx(float(term.detach()), rel=1e-3)  # k and τ reach the term
 
 
+@pytest.mark.parametrize("batch_size, images, captioned, samples, split", [
+    (0, 1, True, 8, (1, 8)),      # one captioned reference: 8 samples, one image a pass
+    (0, 1, False, 1, (1, 1)),     # uncaptioned: one per image, the layout is not folded into the concept
+    (0, 3, True, 8, (3, 3)),      # 8 samples over 3 images: 3 passes of 3 (9 ≥ 8, never fewer than asked)
+    (0, 12, True, 12, (12, 1)),   # more images than the default: each image once
+    (0, 12, False, 12, (12, 1)),
+    (5, 2, False, 5, (2, 3)),     # an explicit batch wins, captioned or not
+    (5, 2, True, 5, (2, 3)),
+])
+def test_a_steps_samples_run_as_passes_of_at_most_one_image_set(batch_size, images, captioned, samples, split):
+    assert tuning.samples_per_step(batch_size, images, captioned) == samples
+    assert tuning.passes_per_step(samples, images) == split
+
+
 @pytest.mark.parametrize("options, refusal", [
     ({"contrastive_k": 0}, "contrastive_k must be a whole number from 1 to 64, got 0"),
     ({"contrastive_k": 2.5}, "contrastive_k must be a whole number"),
