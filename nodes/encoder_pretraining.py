@@ -27,7 +27,15 @@ from typing import Any
 import torch
 
 from ..trainers.data import prepare_images
-from ..trainers.encoder_pretrain import Example, Item, PretrainOptions, pretrain, read_folder, shard
+from ..trainers.encoder_pretrain import (
+    Example,
+    Item,
+    PretrainOptions,
+    pretrain,
+    pretraining_metadata,
+    read_folder,
+    shard,
+)
 from ..trainers.host import Host
 from ..trainers.tuning_encoder import (
     CONTRASTIVE_K,
@@ -106,8 +114,10 @@ def examples_from(host: Host, items: list[Item], resolution: int) -> list[Exampl
     return examples
 
 
-def train_on_folder(host: Host, args: argparse.Namespace, rank: int, world: int) -> TuningEncoder:
-    """Everything but the models' loading: the shard, its examples, the encoder, the run."""
+def train_on_folder(host: Host, args: argparse.Namespace, rank: int, world: int
+                    ) -> tuple[TuningEncoder, dict[str, str]]:
+    """Everything but the models' loading: the shard, its examples, the encoder, the run. Returns the encoder and
+    the metadata that records how it was made (its file keeps it, so an encoder can be told from its ablations)."""
     pairs = read_folder(args.data)
     mine = [pairs[i] for i in shard(len(pairs), rank, world)]
     examples = examples_from(host, mine, args.resolution)
@@ -121,8 +131,10 @@ def train_on_folder(host: Host, args: argparse.Namespace, rank: int, world: int)
                               max_grad_norm=args.max_grad_norm, seed=args.seed)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     concepts = sorted({concept for _, _, _, concept in pairs if concept})  # all shards', in one order
-    return pretrain(host, encoder, examples, options, args.run_dir, rank, world,
-                    log=lambda line: print(f"[rank {rank}] {line}", flush=True), concepts=concepts)
+    encoder = pretrain(host, encoder, examples, options, args.run_dir, rank, world,
+                       log=lambda line: print(f"[rank {rank}] {line}", flush=True), concepts=concepts)
+    return encoder, pretraining_metadata(options, world, images=len(pairs), concepts=len(concepts),
+                                         data=Path(args.data).name)
 
 
 def distributed() -> tuple[int, int]:
@@ -170,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     arch = detect_arch(model, clip, "pretrain_encoder")
     with torch.inference_mode(False), torch.enable_grad():
         with ComfyHost(model, clip, vae, arch, clip_vision=clip_vision) as host:
-            encoder = train_on_folder(host, args, rank, world)
+            encoder, made_with = train_on_folder(host, args, rank, world)
             signature_features = host.image_features(signature_image())
     if rank == 0 and args.out:
         out = Path(folder_paths.get_folder_paths(ENCODERS)[0]) / f"{args.out}.safetensors"
-        save_encoder(encoder, out, {"checkpoint": source, **vision_metadata(vision_name, signature_features)})
+        save_encoder(encoder, out, {"checkpoint": source, **vision_metadata(vision_name, signature_features),
+                                    **made_with})
         print(f"wrote {out}")
     return 0
 

@@ -12,13 +12,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
-    if "LOCAL_RANK" in os.environ:  # one GPU per process: set before torch sees the devices
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", os.environ["LOCAL_RANK"])
     spec = importlib.util.spec_from_file_location("concept_forge", ROOT / "__init__.py",
                                                   submodule_search_locations=[str(ROOT)])
     package = importlib.util.module_from_spec(spec)
     sys.modules["concept_forge"] = package
     spec.loader.exec_module(package)
+    if "LOCAL_RANK" in os.environ:  # one GPU per process: set before torch initialises CUDA
+        from concept_forge.trainers.encoder_pretrain import visible_devices
+
+        try:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(
+                os.environ.get("CUDA_VISIBLE_DEVICES"), int(os.environ["LOCAL_RANK"]),
+                int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        except ValueError as e:
+            sys.exit(f"Encoder pretraining: {e}")
     from concept_forge.nodes import encoder_pretraining
 
     sys.exit(encoder_pretraining.main())

@@ -141,6 +141,24 @@ def shard(count: int, rank: int, world: int) -> list[int]:
     return list(range(rank, count, world))
 
 
+def pretraining_metadata(options: PretrainOptions, world: int, **facts: Any) -> dict[str, str]:
+    """The encoder file's record of how it was pretrained (an encoder can then be told from its ablations)."""
+    return {"pretraining": json.dumps({**asdict(options), "processes": world, **facts}, sort_keys=True)}
+
+
+def visible_devices(visible: str | None, local_rank: int, local_world: int) -> str:
+    """CUDA_VISIBLE_DEVICES for one torchrun process: its own GPU among those the user made visible (all, when
+    unset), so that ranks never share a card. An empty value (GPUs hidden: a CPU run) stays empty."""
+    if visible is not None and not visible.strip():
+        return visible
+    devices = [d.strip() for d in visible.split(",")] if visible is not None else [str(i) for i in range(local_world)]
+    if len(devices) < local_world:
+        raise ValueError(f"torchrun started {local_world} processes on this machine but CUDA_VISIBLE_DEVICES lists "
+                         f"{len(devices)} GPU(s) ({visible}); give --nproc_per_node {len(devices)}, or list one GPU "
+                         "per process.")
+    return devices[local_rank]
+
+
 class Trainee(torch.nn.Module):
     """What pretraining updates: the encoder and, per named concept, its code [concepts, d] per text encoder (one
     module, so that DDP averages both)."""
@@ -265,7 +283,8 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
                 save_state(TrainState(step, [p.detach().clone() for p in trainee.parameters()],
                                       optimizer.state_dict(), torch.zeros(0, dtype=torch.uint8), losses, None,
                                       fingerprint), state_path)
-                save_encoder(encoder, run_dir / "encoder.safetensors", {"step": str(step)})
+                save_encoder(encoder, run_dir / "encoder.safetensors",
+                             {"step": str(step), **pretraining_metadata(options, world)})
             if distributed:
                 dist.barrier()
     return encoder

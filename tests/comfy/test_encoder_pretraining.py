@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from comfy_tier import require_comfyui
 from PIL import Image
+from safetensors import safe_open
 
 tc = require_comfyui()
 
@@ -96,5 +97,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_parameters(tmp_path):
     assert resumed.step == reference.step == 6
     for a, b in zip(reference.parameters, resumed.parameters, strict=True):
         assert (a - b).abs().max() <= 1e-6
-    assert (cut / "encoder.safetensors").exists()
+    with safe_open(str(cut / "encoder.safetensors"), framework="pt") as f:  # the file says how it was made
+        made_with = json.loads(f.metadata()["pretraining"])
+    assert {k: made_with[k] for k in ("steps", "batch_size", "learning_rate", "seed", "processes", "blend")} == \
+        {"steps": 6, "batch_size": 2, "learning_rate": 1e-3, "seed": 3, "processes": 2, "blend": 0.8}
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from concept_forge.trainers.checkpoint import load_state
-from concept_forge.trainers.encoder_pretrain import Example, PretrainOptions, pretrain
+from concept_forge.trainers.encoder_pretrain import Example, PretrainOptions, pretrain, visible_devices
 from concept_forge.trainers.tuning_encoder import EncoderConfig, TuningEncoder
 from tiny_host import TinyHost
 
@@ -103,3 +103,18 @@ def test_a_step_with_non_finite_gradients_is_skipped_and_training_goes_on(tmp_pa
 def test_the_gradient_norm_limit_is_checked():
     with pytest.raises(ValueError, match="max_grad_norm must be at least 0"):
         PretrainOptions(steps=1, max_grad_norm=-1.0)
+
+
+@pytest.mark.parametrize("visible, rank, world, device", [
+    (None, 1, 2, "1"),            # unset: process i gets GPU i
+    ("2,3", 0, 2, "2"),           # the user's choice is kept, one card per process
+    ("2, 3", 1, 2, "3"),
+    ("", 1, 2, ""),               # GPUs hidden (a CPU run): stays hidden
+])
+def test_each_torchrun_process_sees_its_own_gpu(visible, rank, world, device):
+    assert visible_devices(visible, rank, world) == device
+
+
+def test_more_processes_than_visible_gpus_is_refused():
+    with pytest.raises(ValueError, match="started 4 processes .* lists 2 GPU"):
+        visible_devices("0,1", 3, 4)
