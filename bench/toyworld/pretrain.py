@@ -2,14 +2,14 @@
 
     COMFYUI_PATH=/opt/comfyui python bench/toyworld/pretrain.py --data /tmp/toyworld_encoder_data
     COMFYUI_PATH=/opt/comfyui torchrun --nproc_per_node 2 tools/pretrain_encoder.py \\
-        --loader bench/toyworld/pretrain.py:models --data /tmp/toyworld_encoder_data --run-dir runs/toyworld \\
-        --resolution 64 --batch-size 4 --learning-rate 2e-3 --code 32 --steps 600 --max-grad-norm 0 \\
-        --out toyworld_encoder
-    # weights/encoder_vision2_clipped.safetensors: the second vision tower (vision.CURRENT), gradients clipped at
-    # the default 1.0. With --loader bench/toyworld/pretrain.py:first_tower_models, the encoders of the first tower:
-    # with --max-grad-norm 0 (made before clipping existed) the shipped weights/encoder.safetensors, whose ablations
-    # add --contrastive 0, --blend 1 or --hypernetwork scales; without it weights/encoder_clipped.safetensors, and
-    # with --blend 1, --codes 0 or --rank 2 / 8 too, the other *_clipped files. With --seed 1: the *_seed1 files
+        --loader bench/toyworld/pretrain.py:first_tower_models --data /tmp/toyworld_encoder_data \\
+        --run-dir runs/toyworld --resolution 64 --batch-size 4 --learning-rate 2e-3 --code 32 --steps 600 \\
+        --max-grad-norm 0 --out toyworld_encoder
+    # That is the shipped weights/encoder.safetensors (the first vision tower, made before gradient clipping
+    # existed); its ablations add --contrastive 0, --blend 1 or --hypernetwork scales. Without --max-grad-norm 0
+    # (clipped at the default 1.0): weights/encoder_clipped.safetensors, and with --blend 1, --codes 0 or --rank 2 / 8
+    # too, the other *_clipped files. With --loader bench/toyworld/pretrain.py:models (the second tower,
+    # vision.CURRENT), clipped: weights/encoder_vision2_clipped.safetensors. With --seed 1: the *_seed1 files.
 
 The folder holds every colour × shape pair of the world except the benchmark concepts' eight and three more kept
 for checks outside the benchmark (UNSEEN_PAIRS), at random sizes and positions, with a `captions.txt` that names

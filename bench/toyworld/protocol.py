@@ -70,7 +70,7 @@ CATVERSION = Row("CatVersion", "catversion", 1000, 5e-3, "v1-finetune.yaml: 5e-3
 CATVERSION_BIAS = Row("CatVersion +1 bias", "catversion", 1000, 5e-3, "CatVersion's recipe with the official "
                       "code's +1 logit bias on the residual keys", batch_size=2, options={"mask_bias": 1.0})
 TUNING_ENCODER = Row("Tuning Encoder, no weights", "tuning_encoder", 12, 0.0, "its node's defaults: 12 steps "
-                     "from one reference, no encoder weights", curve=False)
+                     "from one reference, no encoder weights", batch_size=samples_per_step(0, 1, False), curve=False)
 # The pretrained toy-world encoders (bench/toyworld/weights/encoder*.safetensors, README "Tuning Encoder"): the
 # full one, and one pretrained with each mechanism switched off, tuned with that mechanism off too; these four were
 # pretrained without gradient clipping (--max-grad-norm 0), the "clipped" ones with the default 1.0

@@ -52,16 +52,16 @@ def check(scorer: benchmark.Scorer, colour: str, shape: str, steps: int, seed: i
     import folder_paths
     from concept_forge.nodes.dual_path import TuningEncoderDualPath
     from concept_forge.nodes.paths import ENCODERS
-    from concept_forge.nodes.tuning import TuningEncoderNode
+    from concept_forge.nodes.tuning import NO_ENCODER, TuningEncoderNode
 
     name = f"{colour}{shape}"
-    encoder = Path(folder_paths.get_full_path_or_raise(ENCODERS, tuning["encoder"]))
+    vision = {} if tuning["encoder"] == NO_ENCODER else {"clip_vision": scorer.clip_vision(
+        Path(folder_paths.get_full_path_or_raise(ENCODERS, tuning["encoder"])))}
     model, clip, concept, _ = benchmark.run_node(
         TuningEncoderNode, **{**benchmark.node_defaults(TuningEncoderNode), "model": scorer.model,
                               "clip": scorer.clip, "vae": scorer.vae, "image": reference(colour, shape, seed),
                               "name": name, "class_word": class_word(shape), "resolution": world.RES, "seed": seed,
-                              "tuning_steps": steps, **tuning,
-                              "clip_vision": scorer.clip_vision(encoder)})
+                              "tuning_steps": steps, **tuning, **vision})
     rows = []
     for (i, (text, size, position)), blend in itertools.product(enumerate(PROMPTS), generation_blends):
         prompt, positive, sampled = text.format(f"embedding:{name}"), None, model
@@ -89,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning-rate", type=float, default=0.0, help="tuning rate per step (0: the node's)")
     parser.add_argument("--encoder", type=Path, default=benchmark.WEIGHTS / protocol.ENCODERS["full"],
-                        help="encoder weights (default: the shipped toy-world encoder)")
+                        help="encoder weights (default: the shipped toy-world encoder); none: the node without "
+                        "encoder weights, a plain LoRA + embedding tuner")
     parser.add_argument("--blend", type=float, default=0.8, help="α of the dual path while tuning (the node's)")
     parser.add_argument("--contrastive", type=float, default=0.01, help="the contrastive term's weight (the node's)")
     parser.add_argument("--contrastive-k", type=int, default=3, help="the contrastive term's positives (the node's)")
@@ -108,8 +109,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     scorer = benchmark.Scorer()
     import folder_paths
     from concept_forge.nodes.paths import ENCODERS
+    from concept_forge.nodes.tuning import NO_ENCODER
 
-    if opts.encoder.name not in folder_paths.get_filename_list(ENCODERS):
+    if str(opts.encoder) != NO_ENCODER and opts.encoder.name not in folder_paths.get_filename_list(ENCODERS):
         shutil.copyfile(opts.encoder, Path(folder_paths.get_folder_paths(ENCODERS)[0]) / opts.encoder.name)
         folder_paths.filename_list_cache.clear()
     tuning = {"encoder": opts.encoder.name, "learning_rate": opts.learning_rate, "blend": opts.blend,

@@ -26,7 +26,8 @@ from .base import init_vectors
 NO_WEIGHTS_STEPS = "hundreds of"
 # The tuning rate per step from a pretrained encoder's prediction, chosen on the toy world's pairs kept out of both
 # pretraining and the benchmark (bench/toyworld/spot_check.py, 12 steps, 144 images): identity 0.55 / 0.62 / 0.72
-# and "small" obeyed 0.99 / 0.90 / 0.83 at 1e-3 / 3e-3 / 1e-2. Options.learning_rate stays the no-weights default.
+# and the asked size obeyed 0.99 / 0.90 / 0.83 at 1e-3 / 3e-3 / 1e-2. Options.learning_rate stays the no-weights
+# default.
 PRETRAINED_LEARNING_RATE = 1e-2
 # Samples a tuning step when the images are captioned, chosen on the same held-out pairs (12 steps, 3 seeds): identity
 # 0.63 / 0.76 / 0.88 / 0.84 with 1 / 4 / 8 / 16 (README). Uncaptioned, more samples than images trade the prompt's
