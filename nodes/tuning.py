@@ -160,9 +160,10 @@ class TuningEncoderNode(io.ComfyNode):
                              "captions (the most likeness in this pack's measurements), otherwise one per image; "
                              "without a caption, more samples fold the image's layout into the concept."),
                 io.String.Input("captions", multiline=True, default="", optional=True, tooltip="What else the "
-                                "image shows, naming the concept as {} or by its name ('a photo of {} on a beach'): "
-                                "one line per image, or one for all. The tuning then need not fold the rest of the "
-                                "picture into the concept. Empty: the 'a photo of a {}' templates."),
+                                "image shows, naming the concept as {} or by its name ('a photo of a big {} on a "
+                                "beach'): one line per image, or one for all. Say its size and place too: what a "
+                                "caption leaves out or gets wrong, the tuning folds into the concept. Empty: the "
+                                "'a photo of a {}' templates."),
                 io.ClipVision.Input("clip_vision", optional=True, tooltip="A CLIP vision model (CLIP Vision Loader); "
                                     "needed with encoder weights, which read the image through it."),
             ],
