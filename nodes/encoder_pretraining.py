@@ -131,10 +131,11 @@ def train_on_folder(host: Host, args: argparse.Namespace, rank: int, world: int
                               max_grad_norm=args.max_grad_norm, seed=args.seed)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     concepts = sorted({concept for _, _, _, concept in pairs if concept})  # all shards', in one order
+    facts = {"images": len(pairs), "concepts": len(concepts), "data": Path(args.data).name,
+             "resolution": args.resolution}
     encoder = pretrain(host, encoder, examples, options, args.run_dir, rank, world,
-                       log=lambda line: print(f"[rank {rank}] {line}", flush=True), concepts=concepts)
-    return encoder, pretraining_metadata(options, world, images=len(pairs), concepts=len(concepts),
-                                         data=Path(args.data).name)
+                       log=lambda line: print(f"[rank {rank}] {line}", flush=True), concepts=concepts, facts=facts)
+    return encoder, pretraining_metadata(options, world, **facts)
 
 
 def distributed() -> tuple[int, int]:

@@ -148,14 +148,17 @@ def pretraining_metadata(options: PretrainOptions, world: int, **facts: Any) -> 
 
 def visible_devices(visible: str | None, local_rank: int, local_world: int) -> str:
     """CUDA_VISIBLE_DEVICES for one torchrun process: its own GPU among those the user made visible (all, when
-    unset), so that ranks never share a card. An empty value (GPUs hidden: a CPU run) stays empty."""
-    if visible is not None and not visible.strip():
+    unset), so that ranks never share a card. Hidden GPUs (empty, -1, NoDevFiles: a CPU run) stay hidden."""
+    if visible is None:
+        return str(local_rank)
+    if visible.strip() in ("", "-1", "NoDevFiles"):
         return visible
-    devices = [d.strip() for d in visible.split(",")] if visible is not None else [str(i) for i in range(local_world)]
-    if len(devices) < local_world:
-        raise ValueError(f"torchrun started {local_world} processes on this machine but CUDA_VISIBLE_DEVICES lists "
-                         f"{len(devices)} GPU(s) ({visible}); give --nproc_per_node {len(devices)}, or list one GPU "
-                         "per process.")
+    devices = [d.strip() for d in visible.split(",") if d.strip()]
+    needed = max(local_world, local_rank + 1)
+    if len(devices) < needed:
+        raise ValueError(f"torchrun started {needed} processes on this machine but CUDA_VISIBLE_DEVICES lists "
+                         f"{len(devices)} GPU(s) ({visible}); give --nproc_per_node {len(devices)}, or list one "
+                         "GPU per process.")
     return devices[local_rank]
 
 
@@ -176,11 +179,12 @@ class Trainee(torch.nn.Module):
 
 def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], options: PretrainOptions,
              run_dir: str | os.PathLike[str], rank: int = 0, world: int = 1, log: Log = print,
-             concepts: Sequence[str] | None = None) -> TuningEncoder:
+             concepts: Sequence[str] | None = None, facts: Mapping[str, Any] | None = None) -> TuningEncoder:
     """Train `encoder` on this process's `examples` (its shard); resumes from `run_dir` when a checkpoint is there.
 
     `concepts` names every concept of the whole folder (all shards), in one order on every process; by default
-    those of `examples`. Writes (rank 0) `run_dir/state.safetensors` every `checkpoint_every` steps,
+    those of `examples`. `facts` (the data, its size...) join the options in the encoder file's record of how it was
+    made. Writes (rank 0) `run_dir/state.safetensors` every `checkpoint_every` steps,
     `run_dir/encoder.safetensors` at each checkpoint and `run_dir/log.jsonl` lines of the loss.
     """
     run_dir = Path(run_dir)
@@ -284,7 +288,7 @@ def pretrain(host: Host, encoder: TuningEncoder, examples: Sequence[Example], op
                                       optimizer.state_dict(), torch.zeros(0, dtype=torch.uint8), losses, None,
                                       fingerprint), state_path)
                 save_encoder(encoder, run_dir / "encoder.safetensors",
-                             {"step": str(step), **pretraining_metadata(options, world)})
+                             {"step": str(step), **pretraining_metadata(options, world, **(facts or {}))})
             if distributed:
                 dist.barrier()
     return encoder

@@ -109,7 +109,12 @@ def test_the_gradient_norm_limit_is_checked():
     (None, 1, 2, "1"),            # unset: process i gets GPU i
     ("2,3", 0, 2, "2"),           # the user's choice is kept, one card per process
     ("2, 3", 1, 2, "3"),
-    ("", 1, 2, ""),               # GPUs hidden (a CPU run): stays hidden
+    ("0,1,", 1, 2, "1"),          # a trailing comma is no GPU
+    ("GPU-5e1c", 0, 1, "GPU-5e1c"),  # one process on the one GPU a cluster launcher assigned
+    ("", 1, 2, ""),               # GPUs hidden (a CPU run): stay hidden
+    ("-1", 0, 2, "-1"),
+    ("NoDevFiles", 1, 2, "NoDevFiles"),
+    ("4,5", 1, 1, "5"),           # LOCAL_WORLD_SIZE missing: the rank still gets its own card
 ])
 def test_each_torchrun_process_sees_its_own_gpu(visible, rank, world, device):
     assert visible_devices(visible, rank, world) == device
@@ -118,3 +123,5 @@ def test_each_torchrun_process_sees_its_own_gpu(visible, rank, world, device):
 def test_more_processes_than_visible_gpus_is_refused():
     with pytest.raises(ValueError, match="started 4 processes .* lists 2 GPU"):
         visible_devices("0,1", 3, 4)
+    with pytest.raises(ValueError, match="started 3 processes .* lists 2 GPU"):
+        visible_devices("0,1", 2, 1)
