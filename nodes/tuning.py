@@ -125,7 +125,7 @@ class TuningEncoderNode(io.ComfyNode):
                                default=NO_ENCODER, tooltip="Pretrained encoder weights from models/concept_encoders "
                                "(tools/pretrain_encoder.py makes them for a checkpoint type). none: start from the "
                                "class word and zero offsets — then this is a plain LoRA + embedding tuner, which "
-                               f"needs {tuning.NO_WEIGHTS_STEPS} tuning steps (fewer were not measured), not 12."),
+                               f"needs {tuning.NO_WEIGHTS_NEED}."),
                 io.Int.Input("tuning_steps", default=12, min=0, max=1000, tooltip="Steps refining the prediction. "
                              "The paper uses 12 or fewer; 0 keeps the encoder's prediction as it is."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=1.0, step=0.0001, tooltip="Learning "

@@ -17,15 +17,14 @@ if __name__ == "__main__":
     package = importlib.util.module_from_spec(spec)
     sys.modules["concept_forge"] = package
     spec.loader.exec_module(package)
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: one GPU per process, set before CUDA initialises
-        from concept_forge.trainers.encoder_pretrain import visible_devices
+    from concept_forge.trainers.encoder_pretrain import visible_devices
 
-        try:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(
-                os.environ.get("CUDA_VISIBLE_DEVICES"), int(os.environ.get("LOCAL_RANK", "0")),
-                int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        except ValueError as e:
-            sys.exit(f"Encoder pretraining: {e}")
+    try:  # one GPU per torchrun process, set before torch initialises CUDA
+        devices = visible_devices(os.environ)
+    except ValueError as e:
+        sys.exit(f"Encoder pretraining: {e}")
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
     from concept_forge.nodes import encoder_pretraining
 
     sys.exit(encoder_pretraining.main())

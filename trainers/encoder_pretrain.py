@@ -146,15 +146,19 @@ def pretraining_metadata(options: PretrainOptions, world: int, **facts: Any) -> 
     return {"pretraining": json.dumps({**asdict(options), "processes": world, **facts}, sort_keys=True)}
 
 
-def visible_devices(visible: str | None, local_rank: int, local_world: int) -> str:
-    """CUDA_VISIBLE_DEVICES for one torchrun process: its own GPU among those the user made visible (all, when
-    unset), so that ranks never share a card. Hidden GPUs (empty, -1, NoDevFiles: a CPU run) stay hidden."""
+def visible_devices(environ: Mapping[str, str]) -> str | None:
+    """CUDA_VISIBLE_DEVICES for one torchrun process, from its environment: its own GPU among those the user made
+    visible (all, when unset), so that ranks never share a card. Hidden GPUs (empty, -1, NoDevFiles: a CPU run) stay
+    hidden; outside torchrun None (nothing to change)."""
+    if "TORCHELASTIC_RUN_ID" not in environ:
+        return None
+    visible, local_rank = environ.get("CUDA_VISIBLE_DEVICES"), int(environ.get("LOCAL_RANK", "0"))
     if visible is None:
         return str(local_rank)
     if visible.strip() in ("", "-1", "NoDevFiles"):
         return visible
     devices = [d.strip() for d in visible.split(",") if d.strip()]
-    needed = max(local_world, local_rank + 1)
+    needed = max(int(environ.get("LOCAL_WORLD_SIZE", "1")), local_rank + 1)
     if len(devices) < needed:
         raise ValueError(f"torchrun started {needed} processes on this machine but CUDA_VISIBLE_DEVICES lists "
                          f"{len(devices)} GPU(s) ({visible}); give --nproc_per_node {len(devices)}, or list one "

@@ -25,7 +25,7 @@ from .base import init_vectors
 # benchmark (bench/toyworld/spot_check.py --encoder none, one seed): identity 0.69 / 0.83 / 0.90 after 100 / 400 /
 # 1000 steps, the asked size 1.00 / 0.71 / 0.59 and position 1.00 / 0.97 / 0.54 — likeness by 100, and past 400 the
 # prompt loses its say; on the benchmark's concepts 12 steps reach 0.09 (README)
-NO_WEIGHTS_STEPS = "up to 100"  # fewer were not measured
+NO_WEIGHTS_NEED = "up to 100 steps (fewer were not measured), not 12"
 # The tuning rate per step from a pretrained encoder's prediction, chosen on the toy world's pairs kept out of both
 # pretraining and the benchmark (bench/toyworld/spot_check.py, 12 steps, 144 images): identity 0.55 / 0.62 / 0.72
 # and the asked size obeyed 0.99 / 0.90 / 0.83 at 1e-3 / 3e-3 / 1e-2. Options.learning_rate stays the no-weights
@@ -135,8 +135,7 @@ class TunedPrediction:
         numbers = sum(u.numel() + d.numel() for u, d in zip(self.ups, self.downs, strict=True))
         start = (f"Started from the encoder {self.encoder}." if self.encoder else
                  f"No encoder weights: started from the class word '{self.class_word}' and zero offsets, so this "
-                 f"was a plain LoRA + embedding tuner, which needs {NO_WEIGHTS_STEPS} steps "
-                 "(fewer were not measured), not 12; "
+                 f"was a plain LoRA + embedding tuner, which needs {NO_WEIGHTS_NEED}; "
                  "the method's 12 steps are meant to start from pretrained weights (tools/pretrain_encoder.py).")
         return [start, f"LoRA rank {self.rank} on {len(self.targets)} attention projections ({numbers} numbers)."]
 

@@ -81,7 +81,7 @@ def test_the_exported_lora_loaded_by_the_stock_loader_reproduces_the_nodes_model
     assert "a plain LoRA + embedding tuner, which needs up to 100 steps (fewer were not measured), not 12" \
         in ui_text(out)
     encoder_input = next(i for i in TuningEncoderNode.define_schema().inputs if i.id == "encoder")
-    assert "a plain LoRA + embedding tuner, which needs up to 100 tuning steps (fewer were not measured), not 12" \
+    assert "a plain LoRA + embedding tuner, which needs up to 100 steps (fewer were not measured), not 12" \
         in encoder_input.tooltip
     saved = run_node(SaveConcept, concept=concept, name="", overwrite=False, export_stock_files=True)
     assert "loras/pup.safetensors (Load LoRA)" in ui_text(saved)

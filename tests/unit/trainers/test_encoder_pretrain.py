@@ -105,6 +105,16 @@ def test_the_gradient_norm_limit_is_checked():
         PretrainOptions(steps=1, max_grad_norm=-1.0)
 
 
+def torchrun_environment(visible, rank, world):
+    """What torchrun gives a worker (world None: no LOCAL_WORLD_SIZE), with the user's CUDA_VISIBLE_DEVICES."""
+    environ = {"TORCHELASTIC_RUN_ID": "run", "LOCAL_RANK": str(rank)}
+    if world is not None:
+        environ["LOCAL_WORLD_SIZE"] = str(world)
+    if visible is not None:
+        environ["CUDA_VISIBLE_DEVICES"] = visible
+    return environ
+
+
 @pytest.mark.parametrize("visible, rank, world, device", [
     (None, 1, 2, "1"),            # unset: process i gets GPU i
     ("2,3", 0, 2, "2"),           # the user's choice is kept, one card per process
@@ -114,14 +124,18 @@ def test_the_gradient_norm_limit_is_checked():
     ("", 1, 2, ""),               # GPUs hidden (a CPU run): stay hidden
     ("-1", 0, 2, "-1"),
     ("NoDevFiles", 1, 2, "NoDevFiles"),
-    ("4,5", 1, 1, "5"),           # LOCAL_WORLD_SIZE missing: the rank still gets its own card
+    ("4,5", 1, None, "5"),        # LOCAL_WORLD_SIZE missing: the rank still gets its own card
 ])
 def test_each_torchrun_process_sees_its_own_gpu(visible, rank, world, device):
-    assert visible_devices(visible, rank, world) == device
+    assert visible_devices(torchrun_environment(visible, rank, world)) == device
+
+
+def test_outside_torchrun_the_visible_gpus_are_left_alone():
+    assert visible_devices({"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "2,3"}) is None
 
 
 def test_more_processes_than_visible_gpus_is_refused():
     with pytest.raises(ValueError, match="started 4 processes .* lists 2 GPU"):
-        visible_devices("0,1", 3, 4)
+        visible_devices(torchrun_environment("0,1", 3, 4))
     with pytest.raises(ValueError, match="started 3 processes .* lists 2 GPU"):
-        visible_devices("0,1", 2, 1)
+        visible_devices(torchrun_environment("0,1", 2, None))
